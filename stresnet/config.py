@@ -1,0 +1,462 @@
+"""Typed run configuration: one YAML file describes one run.
+
+Every section is a plain dataclass. ``load_config`` reads YAML, applies ``key.sub=value``
+overrides and validates everything *before* any work starts: unknown keys, wrong types and
+out-of-range values are rejected with the full key path and the allowed values, e.g.::
+
+    ConfigError: model.depth: got 34, expected one of [50, 101, 152]
+
+Validation is driven by the type hints (``int``, ``float``, ``bool``, ``str``, ``Optional``,
+``Literal``, ``list``, ``tuple`` and nested dataclasses) plus ``min``/``max`` metadata on numeric
+fields, so adding a field is one line; cross-field rules live in each section's ``check``.
+
+``dump_config`` writes the resolved config back to YAML; loading that file gives an equal object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range."""
+
+
+def num(default: Any, min: float | None = None, max: float | None = None) -> Any:
+    """A numeric field with an allowed range (inclusive)."""
+    return field(default=default, metadata={"min": min, "max": max})
+
+
+def _list(*default: Any) -> Any:
+    return field(default_factory=lambda: list(default))
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticConfig:
+    """The bundled synthetic action dataset (see ``pipelines/synthetic.py``)."""
+
+    videos_per_class: int = num(8, min=2)
+    frames: int = num(40, min=4)
+    height: int = num(64, min=16)
+    width: int = num(80, min=16)
+    fps: float = num(25.0, min=1.0)
+    test_fraction: float = num(0.25, min=0.0, max=0.9)
+    families: list[Literal["appearance", "motion", "conjunction", "order"]] = _list(
+        "appearance", "motion", "conjunction", "order"
+    )
+    seed: int = 0
+
+
+@dataclass
+class DatasetConfig:
+    """Where the videos are and which split files describe them."""
+
+    kind: Literal["ucf101", "hmdb51", "csv", "synthetic"] = "synthetic"
+    root: str = "data/synthetic/videos"  # folder of videos (for synthetic: where they are written)
+    splits_dir: Optional[str] = None  # folder of official split files (ucf101, hmdb51)
+    csv: Optional[str] = None  # csv source: path,label[,split]
+    split: int = num(1, min=1, max=3)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def check(self) -> None:
+        if self.kind in ("ucf101", "hmdb51") and not self.splits_dir:
+            raise ConfigError(f"splits_dir: required when dataset.kind is {self.kind!r}")
+        if self.kind == "csv" and not self.csv:
+            raise ConfigError("csv: required when dataset.kind is 'csv'")
+
+
+@dataclass
+class ShardsConfig:
+    """Videos -> RGB frames + optical flow -> WebDataset shards (``stresnet shards``)."""
+
+    output: str = "data/synthetic/shards"
+    samples_per_shard: int = num(64, min=1)
+    short_side: int = num(256, min=16)  # resize so the shorter side is this; 0 keeps native size
+    fps: Optional[float] = num(None, min=1.0)  # None keeps the native frame rate
+    flow: Literal["tvl1", "farneback"] = "tvl1"
+    flow_bound: float = num(20.0, min=1.0)  # pixels; flow is clipped to [-bound, bound]
+    jpeg_quality: int = num(90, min=50, max=100)
+    workers: int = num(0, min=0)  # processes; 0 = one per core
+    num_partitions: int = num(1, min=1)  # for job arrays: this task writes partition `partition`
+    partition: Optional[int] = num(None, min=0)  # None = all partitions in this process
+    allow_failures: bool = False  # exit 0 even when some videos could not be read
+
+    def check(self) -> None:
+        if self.partition is not None and self.partition >= self.num_partitions:
+            raise ConfigError(
+                f"partition: got {self.partition}, expected 0..{self.num_partitions - 1}"
+            )
+
+
+@dataclass
+class InjectionConfig:
+    """Cross-stream residual connections (spec section 2)."""
+
+    stages: list[Literal[2, 3, 4, 5]] = _list(2, 3, 4, 5)  # conv2_x .. conv5_x; [] disables
+    kind: Literal["residual", "direct"] = "residual"  # into the residual branch, or identity path
+    direction: Literal["motion_to_appearance", "bidirectional"] = "motion_to_appearance"
+
+
+@dataclass
+class TemporalConfig:
+    """Temporal residual convolutions (spec section 3)."""
+
+    stages: list[Literal[2, 3, 4, 5]] = _list(2, 3, 4, 5)  # [] disables
+    units: list[int] = _list(2)  # 1-based residual unit within each stage
+    convs: list[Literal["a", "c"]] = _list("a", "c")  # branch2a / branch2c 1x1 convs
+    kernel: int = num(3, min=1)
+    init: Literal["average", "center"] = "average"
+    padding: Literal["replicate", "zero"] = "replicate"
+
+    def check(self) -> None:
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"kernel: got {self.kernel}, expected an odd number")
+        for unit in self.units:
+            if unit < 1:
+                raise ConfigError(f"units: got {unit}, expected 1-based unit indices >= 1")
+
+
+@dataclass
+class TemporalPoolConfig:
+    """Temporal pooling before the classifier (spec section 4)."""
+
+    kind: Literal["none", "max", "avg"] = "none"  # none: classify every frame, average scores
+    window: int = num(5, min=1)
+    stride: int = num(2, min=1)
+
+
+@dataclass
+class InitConfig:
+    """Where the weights come from before training."""
+
+    kind: Literal["random", "torchvision", "base_streams", "checkpoint"] = "random"
+    # torchvision: a ResNet state-dict file (e.g. ImageNet weights you downloaded), loaded into
+    # both streams with the cross-modality conv1 for flow. "imagenet" uses torchvision's
+    # weights enum, which downloads: only where the machine may.
+    torchvision_weights: Optional[str] = None
+    appearance_checkpoint: Optional[str] = None  # base_streams: trained appearance base stream
+    motion_checkpoint: Optional[str] = None  # base_streams: trained motion base stream
+    checkpoint: Optional[str] = None  # checkpoint: e.g. stage 2 from stage 1
+
+    def check(self) -> None:
+        need = {
+            "torchvision": ["torchvision_weights"],
+            "base_streams": ["appearance_checkpoint", "motion_checkpoint"],
+            "checkpoint": ["checkpoint"],
+        }.get(self.kind, [])
+        for key in need:
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: required when init.kind is {self.kind!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The network (spec sections 1-4)."""
+
+    mode: Literal["st_resnet", "late_fusion", "appearance", "motion"] = "st_resnet"
+    depth: Literal[50, 101, 152] = 50
+    width: float = num(1.0, min=0.03125, max=4.0)  # channel multiplier; <1 for CPU-sized nets
+    num_classes: int = num(101, min=2)
+    flow_length: int = num(10, min=1)  # L flow fields per stack -> 2L input channels
+    dropout_appearance: float = num(0.0, min=0.0, max=0.99)
+    dropout_motion: float = num(0.8, min=0.0, max=0.99)
+    injection: InjectionConfig = field(default_factory=InjectionConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    temporal_pool: TemporalPoolConfig = field(default_factory=TemporalPoolConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+
+@dataclass
+class SamplingConfig:
+    """Clip sampling and augmentation (spec section 5)."""
+
+    frames: int = num(5, min=1)  # T frame positions per training clip
+    stride_min: int = num(5, min=1)
+    stride_max: int = num(15, min=1)
+    input_size: int = num(224, min=16)
+    crop_scale: tuple[float, float] = (0.75, 1.25)
+    crop_placement: Literal["corner", "anywhere"] = "corner"
+    flip: bool = True
+    flow_center: Literal["none", "median"] = "none"  # median: subtract per-channel median
+    test_positions: int = num(25, min=1)
+    test_crops: Literal["center", "center_flip", "ten_crop"] = "center_flip"
+
+    def check(self) -> None:
+        if self.stride_min > self.stride_max:
+            raise ConfigError(
+                f"stride_min: got {self.stride_min}, expected <= stride_max ({self.stride_max})"
+            )
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi:
+            raise ConfigError(f"crop_scale: got {list(self.crop_scale)}, expected 0 < low <= high")
+
+
+@dataclass
+class DataConfig:
+    """What training and evaluation read."""
+
+    shards: str = "data/synthetic/shards"  # folder holding manifest.json and the shards
+    backend: Literal["cpu", "dali"] = "cpu"
+    batch_size: int = num(8, min=1)  # clips per worker per micro-batch
+    loader_workers: int = num(2, min=0)
+    train_split: str = "train"
+    val_split: str = "test"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (spec section 6) and checkpointing."""
+
+    stage: Literal[0, 1, 2] = 1  # 0 = base stream, 1/2 = ST-ResNet stages (sets defaults in docs)
+    epochs: int = num(1, min=1)
+    steps_per_epoch: Optional[int] = num(None, min=1)  # None: one pass over the shards
+    batch_size: int = num(128, min=1)  # global clips per optimizer step (gradient accumulation)
+    lr: float = num(1e-3, min=0.0)
+    lr_steps: list[int] = _list()  # optimizer steps at which lr is divided by lr_decay
+    lr_decay: float = num(10.0, min=1.0)
+    momentum: float = num(0.9, min=0.0, max=1.0)
+    weight_decay: float = num(5e-4, min=0.0)
+    bf16: bool = True  # autocast on GPU; ignored on CPU
+    channels_last: bool = True  # on GPU
+    checkpoint_every: int = num(100, min=1)  # optimizer steps
+    validate_every: int = num(1, min=1)  # epochs
+    max_failures: int = num(3, min=0)  # worker failures Ray Train recovers from
+    fail_at_step: Optional[int] = num(None, min=1)  # failure injection for tests: kill a worker
+    storage_path: str = "runs"  # shared filesystem on clusters
+    run_name: Optional[str] = None  # None: a new unique name; set it to resume that run
+    resume: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    """How Ray runs the job."""
+
+    address: Optional[str] = None  # None: start a local Ray; "auto": join the running cluster
+    num_workers: int = num(2, min=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = num(1.0, min=0.0)
+    gpus_per_worker: float = num(1.0, min=0.0)
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: Optional[str] = None  # None: one experiment per dataset
+    registered_model: Optional[str] = None  # None: stresnet-<dataset>
+    alias: str = "latest"
+    log_system_metrics: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """``stresnet evaluate``: where the report goes."""
+
+    output: str = "outputs/eval"
+    batch_size: int = num(4, min=1)
+    fully_convolutional: bool = False  # stage 2: also run whole videos in one pass
+
+
+@dataclass
+class RunConfig:
+    """One run: every command takes the whole file and reads the sections it needs."""
+
+    name: str = "stresnet"
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, validation, overrides, dumping
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config, apply ``key.sub=value`` overrides, validate, return it.
+
+    ``path=None`` starts from the defaults. Raises ``ConfigError`` naming the file and the key.
+    """
+    raw: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return from_dict(RunConfig, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``key.sub=value`` in a raw config dict; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected key.sub=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def from_dict(cls: type, raw: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking every key and value against the hints."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = path + "." if path else ""
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key; allowed keys here: {sorted(fields)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        key = f"{path}.{name}" if path else name
+        values[name] = _convert(hints[name], value, key, fields[name].metadata)
+    obj = cls(**values)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ConfigError as err:
+            raise ConfigError(f"{path + '.' if path else ''}{err}") from None
+    return obj
+
+
+def _convert(hint: Any, value: Any, key: str, meta: Any = None) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, meta)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key)
+    if origin is Literal:
+        # bool is an int in Python: don't let `true` pass for a Literal[1, 2].
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise ConfigError(f"{key}: got {_show(value)}, expected one of {list(args)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {_show(value)}, expected a list")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: got {_show(value)}, expected a list of {len(args)} values")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: got {_show(value)}, expected true or false")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is int and ok and not float(value).is_integer():
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}: got {_show(value)}, expected {'an integer' if hint is int else 'a number'}")
+        value = hint(value)
+        lo, hi = (meta or {}).get("min"), (meta or {}).get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"{'' if lo is None else lo} .. {'' if hi is None else hi}".strip()
+            raise ConfigError(f"{key}: got {value}, expected a value in [{bounds}]")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: got {_show(value)}, expected a string")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def to_dict(config: Any) -> dict:
+    """The config as plain YAML-able data (tuples become lists)."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(config))
+
+
+def dump_config(config: RunConfig, path: str | Path | None = None) -> str:
+    """Write the resolved config as YAML (to ``path`` if given) and return the text."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def flatten(config: Any) -> dict[str, Any]:
+    """``{"model.depth": 50, ...}``: for logging the config as MLflow params."""
+    return _flatten_dict(to_dict(config), "")
+
+
+def _flatten_dict(d: dict, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def add_config_arguments(parser: "argparse.ArgumentParser") -> None:
+    """The arguments every command takes: ``--config FILE`` and ``key.sub=value`` overrides."""
+    parser.add_argument("--config", required=True, help="run config (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def config_from_args(args: "argparse.Namespace") -> RunConfig:
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,101 @@
+"""The run config: validation messages, overrides, YAML round trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from stresnet.config import ConfigError, RunConfig, dump_config, flatten, load_config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_and_sections_are_typed():
+    config = load_config(None)
+    assert isinstance(config, RunConfig)
+    assert config.model.depth == 50 and config.model.flow_length == 10
+    assert config.sampling.crop_scale == (0.75, 1.25)
+
+
+def test_round_trip_through_yaml_is_identical(tmp_path):
+    config = load_config(None, ["model.depth=101", "sampling.crop_scale=[0.8, 1.2]",
+                                "model.injection.stages=[3, 5]", "shards.fps=12.5"])
+    path = tmp_path / "resolved.yaml"
+    dump_config(config, path)
+    assert load_config(path) == config
+
+
+def test_overrides_apply_to_nested_keys_and_parse_yaml_values(tmp_path):
+    path = write(tmp_path, "model:\n  depth: 152\n  temporal:\n    init: center\n")
+    config = load_config(path, ["model.temporal.padding=zero", "train.lr_steps=[10, 20]",
+                                "train.run_name=abc"])
+    assert config.model.depth == 152
+    assert config.model.temporal.init == "center"
+    assert config.model.temporal.padding == "zero"
+    assert config.train.lr_steps == [10, 20]
+    assert config.train.run_name == "abc"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.depth=34", "model.depth: got 34 (int), expected one of [50, 101, 152]"),
+        ("model.injection.direction=both",
+         "model.injection.direction: got 'both' (str), expected one of "
+         "['motion_to_appearance', 'bidirectional']"),
+        ("model.width=8", "model.width: got 8.0, expected a value in [0.03125 .. 4.0]"),
+        ("train.lr=fast", "train.lr: got 'fast' (str), expected a number"),
+        ("train.epochs=1.5", "train.epochs: got 1.5 (float), expected an integer"),
+        ("sampling.flip=1", "sampling.flip: got 1 (int), expected true or false"),
+        ("model.injection.stages=[1, 2]",
+         "model.injection.stages[0]: got 1 (int), expected one of [2, 3, 4, 5]"),
+        ("sampling.crop_scale=[1.0]", "sampling.crop_scale: got [1.0] (list), expected a list of 2 values"),
+        ("train.stage=true", "train.stage: got True (bool), expected one of [0, 1, 2]"),
+        ("sampling.stride_min=20", "sampling.stride_min: got 20, expected <= stride_max (15)"),
+        ("dataset.kind=ucf101", "dataset.splits_dir: required when dataset.kind is 'ucf101'"),
+        ("model.init.kind=checkpoint", "model.init.checkpoint: required when init.kind is 'checkpoint'"),
+        ("model.temporal.kernel=4", "model.temporal.kernel: got 4, expected an odd number"),
+    ],
+)
+def test_bad_values_are_rejected_with_key_path_and_allowed_values(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_unknown_key_names_the_path_and_the_allowed_keys(tmp_path):
+    path = write(tmp_path, "model:\n  temporal:\n    kernal: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = str(err.value)
+    assert text.startswith(str(path))
+    assert "model.temporal.kernal: unknown key" in text
+    assert "'kernel'" in text and "'padding'" in text
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"modle: unknown key; allowed keys here: \[.*'model'"):
+        load_config(write(tmp_path, "modle: {}\n"))
+
+
+def test_malformed_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(None, ["model.depth"])
+    with pytest.raises(ConfigError, match="model: expected a mapping, got 5"):
+        load_config(None, ["model=5"])
+
+
+def test_flatten_gives_dotted_keys_for_every_leaf():
+    flat = flatten(load_config(None))
+    assert flat["model.injection.kind"] == "residual"
+    assert flat["sampling.crop_scale"] == [0.75, 1.25]
+    assert not any(isinstance(v, dict) for v in flat.values())

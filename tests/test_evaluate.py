@@ -1,0 +1,95 @@
+"""Video-level metrics on hand-made scores: view averaging, top-1/top-5, per class, confusion."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from stresnet.evaluate import VideoScores, save_report, summary_metrics, video_report
+
+CLASSES = ["a", "b", "c", "d", "e", "f"]
+
+
+def logits_for(probabilities: list[float]) -> torch.Tensor:
+    """Logits whose softmax is ``probabilities``."""
+    return torch.log(torch.tensor(probabilities))
+
+
+def add_view(scores: VideoScores, video: str, label: int, appearance: list, motion: list) -> None:
+    app, mot = logits_for(appearance), logits_for(motion)
+    fused = (app.softmax(0) + mot.softmax(0)) / 2
+    scores.add(
+        {"appearance": app[None], "motion": mot[None], "fused": fused[None]},
+        torch.tensor([label]),
+        [video],
+    )
+
+
+def test_views_are_averaged_before_the_arg_max():
+    scores = VideoScores()
+    # Video v0 (class 0): view 1 prefers class 1 slightly, view 2 prefers class 0 strongly.
+    # Averaged, class 0 wins; a per-view vote would tie.
+    add_view(scores, "v0", 0, [0.30, 0.40, 0.1, 0.1, 0.05, 0.05], [0.3, 0.2, 0.2, 0.1, 0.1, 0.1])
+    add_view(scores, "v0", 0, [0.80, 0.10, 0.05, 0.03, 0.01, 0.01], [0.3, 0.2, 0.2, 0.1, 0.1, 0.1])
+    report = video_report(scores, CLASSES)
+    assert report["videos"] == 1
+    assert report["views_per_video"] == {"min": 2, "max": 2}
+    assert report["streams"]["appearance"]["top1"] == 1.0
+
+
+def test_top1_top5_per_class_and_confusion():
+    scores = VideoScores()
+    uniform_tail = [0.01] * 5
+    # v0, class 0: appearance right; motion ranks the truth 6th (outside top-5).
+    add_view(scores, "v0", 0, [0.9] + uniform_tail, [0.0005, 0.2, 0.2, 0.2, 0.2, 0.1995])
+    # v1, class 1: appearance wrong (class 2 first, truth 2nd); motion right.
+    add_view(scores, "v1", 1, [0.1, 0.3, 0.5, 0.05, 0.03, 0.02], [0.05, 0.8, 0.05, 0.05, 0.03, 0.02])
+    # v2, class 1: both wrong: predicted class 3; truth inside the top-5 for both.
+    add_view(scores, "v2", 1, [0.1, 0.2, 0.05, 0.5, 0.1, 0.05], [0.1, 0.2, 0.05, 0.5, 0.1, 0.05])
+    report = video_report(scores, CLASSES)
+
+    app, mot, fused = (report["streams"][s] for s in ("appearance", "motion", "fused"))
+    assert app["top1"] == pytest.approx(1 / 3)
+    assert app["top5"] == 1.0
+    assert mot["top1"] == pytest.approx(1 / 3)
+    assert mot["top5"] == pytest.approx(2 / 3)
+    assert app["per_class"] == {"a": 1.0, "b": 0.0, "c": None, "d": None, "e": None, "f": None}
+    assert mot["per_class"]["a"] == 0.0 and mot["per_class"]["b"] == 0.5
+    # Fused = mean of the two softmax scores: v0 -> class 0, v1 -> class 1, v2 -> class 3.
+    assert fused["top1"] == pytest.approx(2 / 3)
+    confusion = report["confusion_matrix"]
+    assert confusion[0][0] == 1 and confusion[1][1] == 1 and confusion[1][3] == 1
+    assert sum(map(sum, confusion)) == 3
+    assert summary_metrics(report, "val_")["val_fused_top1"] == pytest.approx(2 / 3)
+
+
+def test_merging_worker_parts_equals_scoring_in_one_place():
+    whole, part1, part2 = VideoScores(), VideoScores(), VideoScores()
+    views = [
+        ("v0", 0, [0.6, 0.1, 0.1, 0.1, 0.05, 0.05], [0.2] * 5 + [0.0001]),
+        ("v0", 0, [0.1, 0.6, 0.1, 0.1, 0.05, 0.05], [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]),
+        ("v1", 2, [0.1, 0.1, 0.6, 0.1, 0.05, 0.05], [0.1, 0.1, 0.5, 0.1, 0.1, 0.1]),
+    ]
+    for i, view in enumerate(views):
+        add_view(whole, *view)
+        add_view(part1 if i % 2 else part2, *view)
+    part1.merge(part2)
+    assert video_report(part1, CLASSES) == video_report(whole, CLASSES)
+
+
+def test_report_files(tmp_path):
+    scores = VideoScores()
+    add_view(scores, "v0", 0, [0.9] + [0.02] * 5, [0.9] + [0.02] * 5)
+    paths = save_report(video_report(scores, CLASSES), tmp_path / "eval")
+    loaded = json.loads(paths["report"].read_text())
+    assert loaded["streams"]["fused"]["top1"] == 1.0
+    assert math.isclose(sum(v for v in loaded["streams"]["fused"]["per_class"].values() if v), 1.0)
+    assert paths["confusion_matrix"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_empty_scores_are_an_error():
+    with pytest.raises(ValueError, match="no test videos"):
+        video_report(VideoScores(), CLASSES)

@@ -235,6 +235,8 @@ class TrainConfig:
     validate_every: int = num(1, min=1)  # epochs
     max_failures: int = num(3, min=0)  # worker failures Ray Train recovers from
     fail_at_step: Optional[int] = num(None, min=1)  # failure injection for tests: kill a worker
+    stop_at_step: Optional[int] = num(None, min=1)  # end cleanly (checkpointed) after this step
+    keep_checkpoints: Optional[int] = num(3, min=1)  # newest checkpoints kept; None keeps all
     storage_path: str = "runs"  # shared filesystem on clusters
     run_name: Optional[str] = None  # None: a new unique name; set it to resume that run
     resume: bool = False

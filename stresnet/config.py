@@ -87,12 +87,15 @@ class ShardsConfig:
     short_side: int = num(256, min=16)  # resize so the shorter side is this; 0 keeps native size
     fps: Optional[float] = num(None, min=1.0)  # None keeps the native frame rate
     flow: Literal["tvl1", "farneback"] = "tvl1"
+    tvl1_epsilon: float = num(0.01, min=1e-4, max=1.0)  # TV-L1 stopping threshold (OpenCV default)
     flow_bound: float = num(20.0, min=1.0)  # pixels; flow is clipped to [-bound, bound]
     jpeg_quality: int = num(90, min=50, max=100)
     workers: int = num(0, min=0)  # processes; 0 = one per core
     num_partitions: int = num(1, min=1)  # for job arrays: this task writes partition `partition`
     partition: Optional[int] = num(None, min=0)  # None = all partitions in this process
     allow_failures: bool = False  # exit 0 even when some videos could not be read
+    # Failure injection for tests: the process kills itself after writing this many samples.
+    crash_after_samples: Optional[int] = num(None, min=1)
 
     def check(self) -> None:
         if self.partition is not None and self.partition >= self.num_partitions:

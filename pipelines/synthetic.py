@@ -1,0 +1,228 @@
+"""The bundled synthetic action dataset: small real videos whose classes test each part of the model.
+
+Every video shows one object moving over a textured, slowly panning background with a little
+camera jitter. The object's *shape* tells its family (so one frame identifies the family); within
+a family the label depends on a different cue:
+
+1. ``appearance`` (disc): the colour decides (red / green / blue); the motion is random, so one
+   RGB frame suffices.
+2. ``motion`` (square): the direction decides (left / right / up / down); the colour is random, so
+   the RGB stream cannot tell the classes apart, flow can.
+3. ``conjunction`` (triangle): label = colour XOR direction (red-right or green-left vs red-left or
+   green-right). Colour alone and direction alone are each at chance, and so is any late fusion
+   of two independent streams; only features that combine colour and motion (the cross-stream
+   connections) can do better.
+4. ``order`` (ring): right-then-left vs left-then-right. One flow stack sees one phase only; the
+   order across the clip (temporal convolutions over several positions) decides.
+
+Generation is deterministic from ``seed``: the same config writes the same decoded frames. Videos
+alternate between H.264 in MP4 and MPEG-4 part 2 in AVI so that both decoder paths are exercised.
+The folder gets UCF101-style split files, so ``pipelines.sources`` reads it like UCF101.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipelines.video import write_video
+from stresnet.config import DatasetConfig, SyntheticConfig, to_dict
+
+MARKER = "synthetic.json"  # written last: its presence means the dataset is complete
+
+COLOURS = {  # BGR
+    "red": (40, 40, 220),
+    "green": (40, 200, 40),
+    "blue": (230, 90, 40),
+    "yellow": (40, 210, 230),
+    "magenta": (200, 50, 200),
+    "cyan": (210, 200, 40),
+}
+DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class SyntheticClass:
+    name: str
+    family: str
+    shape: str  # disc, square, triangle, ring
+    colours: tuple[str, ...]  # drawn uniformly
+    # motion: "random", a direction name, "xor" (direction follows colour), or "right_left" /
+    # "left_right" (the order family)
+    motion: str
+    xor_pairs: tuple[tuple[str, str], ...] = ()  # conjunction: allowed (colour, direction) pairs
+
+
+FAMILY_CLASSES: dict[str, list[SyntheticClass]] = {
+    "appearance": [
+        SyntheticClass(f"{c.capitalize()}Disc", "appearance", "disc", (c,), "random")
+        for c in ("red", "green", "blue")
+    ],
+    "motion": [
+        SyntheticClass(f"SquareMoves{d.capitalize()}", "motion", "square", tuple(COLOURS), d)
+        for d in DIRECTIONS
+    ],
+    "conjunction": [
+        SyntheticClass("RedRightOrGreenLeft", "conjunction", "triangle", ("red", "green"), "xor",
+                       (("red", "right"), ("green", "left"))),
+        SyntheticClass("RedLeftOrGreenRight", "conjunction", "triangle", ("red", "green"), "xor",
+                       (("red", "left"), ("green", "right"))),
+    ],
+    "order": [
+        SyntheticClass("RingRightThenLeft", "order", "ring", tuple(COLOURS), "right_left"),
+        SyntheticClass("RingLeftThenRight", "order", "ring", tuple(COLOURS), "left_right"),
+    ],
+}
+
+
+def synthetic_classes(cfg: SyntheticConfig) -> list[SyntheticClass]:
+    """The classes of the configured families, in label order."""
+    return [c for family in cfg.families for c in FAMILY_CLASSES[family]]
+
+
+def write_synthetic_dataset(cfg: DatasetConfig) -> Path:
+    """Write the videos and UCF101-style split files under ``cfg.root``; return that folder.
+
+    Does nothing when the folder already holds this exact dataset; refuses to overwrite a folder
+    made with different settings.
+    """
+    syn = cfg.synthetic
+    root = Path(cfg.root)
+    params = to_dict(syn)
+    marker = root / MARKER
+    if marker.is_file():
+        existing = json.loads(marker.read_text())
+        if existing == params:
+            return root
+        raise FileExistsError(
+            f"{marker}: the synthetic dataset there was made with other settings "
+            f"({existing}); delete the folder or set dataset.root to another folder"
+        )
+    if syn.height % 2 or syn.width % 2:
+        raise ValueError(f"dataset.synthetic: height and width must be even, got {syn.height}x{syn.width}")
+
+    classes = synthetic_classes(syn)
+    n_test = round(syn.videos_per_class * syn.test_fraction)
+    train_lines, test_lines = [], []
+    for label, cls in enumerate(classes):
+        (root / cls.name).mkdir(parents=True, exist_ok=True)
+        for v in range(syn.videos_per_class):
+            rng = np.random.default_rng([syn.seed, label, v])
+            frames = render_video(cls, rng, syn.frames, syn.height, syn.width)
+            ext = ".mp4" if v % 2 == 0 else ".avi"
+            rel = f"{cls.name}/v_{cls.name}_g{v + 1:02d}_c01{ext}"
+            write_video(root / rel, frames, syn.fps)
+            if v < syn.videos_per_class - n_test:
+                train_lines.append(f"{rel} {label + 1}")
+            else:
+                test_lines.append(rel)
+    (root / "classInd.txt").write_text("".join(f"{i + 1} {c.name}\n" for i, c in enumerate(classes)))
+    (root / "trainlist01.txt").write_text("".join(line + "\n" for line in train_lines))
+    (root / "testlist01.txt").write_text("".join(line + "\n" for line in test_lines))
+    marker.write_text(json.dumps(params, indent=1))
+    return root
+
+
+# ------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------
+
+
+def textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth, low-saturation random texture (BGR uint8) with fine grain, so flow has detail."""
+    coarse = rng.random((max(2, height // 8), max(2, width // 8), 3)).astype(np.float32)
+    smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    grey = smooth.mean(axis=2, keepdims=True)
+    image = 70 + 90 * grey + 25 * (smooth - grey) + rng.normal(0, 6, (height, width, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def render_video(
+    cls: SyntheticClass, rng: np.random.Generator, frames: int, height: int, width: int
+) -> np.ndarray:
+    """One video of class ``cls``: (frames, height, width, 3) BGR uint8."""
+    scale = min(height, width) / 64.0
+    colour_name = str(rng.choice(cls.colours))
+    colour = np.clip(np.array(COLOURS[colour_name]) + rng.integers(-15, 16, 3), 0, 255)
+    radius = rng.uniform(5.0, 7.0) * scale
+
+    # Object motion in the scene: a unit direction and a speed in px/frame.
+    if cls.motion == "random":
+        angle = rng.uniform(0, 2 * math.pi)
+        direction = (math.cos(angle), math.sin(angle))
+        speed = rng.uniform(0.3, 1.2) * scale
+    elif cls.motion == "xor":
+        direction = DIRECTIONS[dict(cls.xor_pairs)[colour_name]]
+        speed = rng.uniform(1.0, 1.6) * scale
+    elif cls.motion in ("right_left", "left_right"):
+        direction = DIRECTIONS["right" if cls.motion == "right_left" else "left"]
+        speed = rng.uniform(1.2, 2.0) * scale
+    else:
+        direction = DIRECTIONS[cls.motion]
+        speed = rng.uniform(1.0, 1.6) * scale
+    t = np.arange(frames, dtype=np.float64)
+    if cls.motion in ("right_left", "left_right"):
+        t = np.minimum(t, (frames - 1) - t)  # out for the first half, back for the second
+    travel_x, travel_y = direction[0] * speed * t, direction[1] * speed * t
+
+    # Camera: a slow pan plus jitter, applied to the whole scene (background and object).
+    margin = int(math.ceil(0.3 * scale * frames + 2 * scale)) + 2
+    texture = textured_background(rng, height + 2 * margin, width + 2 * margin)
+    pan = rng.uniform(-0.3, 0.3, 2) * scale
+    jitter = np.clip(rng.normal(0, 0.4 * scale, (frames, 2)), -scale, scale)
+    camera = pan[None, :] * np.arange(frames)[:, None] + jitter
+    # Where the object appears on screen: its own path minus the camera's, kept in view.
+    screen = fit_path(np.stack([travel_x, travel_y], axis=1) - camera, radius, height, width, rng)
+
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for i in range(frames):
+        cx, cy = camera[i]
+        shift = np.float32([[1, 0, -margin - cx], [0, 1, -margin - cy]])
+        frame = cv2.warpAffine(texture, shift, (width, height), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REFLECT)
+        draw_shape(frame, cls.shape, screen[i], radius, colour)
+        video[i] = frame
+    return video
+
+
+def fit_path(
+    path: np.ndarray, radius: float, height: int, width: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Shift a relative path to a random start so that the object stays in view throughout.
+
+    A path longer than the frame is shrunk towards its start (slower motion, same direction).
+    """
+    lo = np.array([radius + 2, radius + 2])
+    hi = np.array([width - radius - 2, height - radius - 2])
+    span = path.max(axis=0) - path.min(axis=0)
+    shrink = np.min(np.where(span > 0, (hi - lo) / np.maximum(span, 1e-9), np.inf))
+    if shrink < 1:
+        path = path * shrink
+    low_start = lo - path.min(axis=0)
+    high_start = hi - path.max(axis=0)
+    start = rng.uniform(low_start, np.maximum(low_start, high_start))
+    return path + start
+
+
+def draw_shape(frame: np.ndarray, shape: str, centre: np.ndarray, radius: float, colour) -> None:
+    """Draw an anti-aliased shape with sub-pixel position (4 fractional bits) into ``frame``."""
+    bits = 4
+    colour = tuple(int(c) for c in colour)
+    c = np.round(np.asarray(centre) * (1 << bits)).astype(np.int32)
+    r = int(round(radius * (1 << bits)))
+    if shape == "disc":
+        cv2.circle(frame, (int(c[0]), int(c[1])), r, colour, -1, cv2.LINE_AA, bits)
+    elif shape == "ring":
+        thickness = max(2, int(round(radius / 3)))
+        cv2.circle(frame, (int(c[0]), int(c[1])), r - (thickness << bits) // 2, colour, thickness,
+                   cv2.LINE_AA, bits)
+    else:
+        sides, turn = {"square": (4, math.pi / 4), "triangle": (3, -math.pi / 2)}[shape]
+        angles = turn + 2 * math.pi * np.arange(sides) / sides
+        points = c + r * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+        cv2.fillPoly(frame, [np.round(points).astype(np.int32)], colour, cv2.LINE_AA, bits)

@@ -1,0 +1,104 @@
+"""ST-ResNet (Feichtenhofer et al., NIPS 2016): two ResNet streams joined by residual connections.
+
+``model.appearance`` sees RGB frames, ``model.motion`` stacks of 2L optical-flow channels; both are
+``stresnet.backbone.ResNet`` (torchvision names). Modes:
+
+* ``st_resnet``: the streams run unit by unit in lockstep; in each configured stage the motion
+  stream's first-unit output is added into the appearance stream's second unit (spec section 2).
+* ``late_fusion``: the same two streams without cross-stream connections (plain two-stream).
+* ``appearance`` / ``motion``: one stream (base-stream training); the other input is ``None``.
+
+Temporal convolutions and temporal pooling live inside each stream (``model.temporal``,
+``model.temporal_pool``); they apply in every mode.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from stresnet.backbone import ResNet
+from stresnet.config import ModelConfig
+from stresnet.weights import initialize
+
+STREAMS = {"st_resnet": ("appearance", "motion"), "late_fusion": ("appearance", "motion"),
+           "appearance": ("appearance",), "motion": ("motion",)}
+
+
+class STResNet(nn.Module):
+    """``model(rgb (B,T,3,H,W), flow (B,T,2L,H,W))`` -> ``{"appearance", "motion", "fused"}``.
+
+    Stream entries are class logits averaged over the remaining time steps; ``fused`` is the mean
+    of the streams' softmax scores. Single-stream modes return their stream and ``fused``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.streams = STREAMS[cfg.mode]
+        common = dict(depth=cfg.depth, width=cfg.width, num_classes=cfg.num_classes,
+                      temporal=cfg.temporal, pool=cfg.temporal_pool)
+        if "appearance" in self.streams:
+            self.appearance = ResNet(in_channels=3, dropout=cfg.dropout_appearance, **common)
+        if "motion" in self.streams:
+            self.motion = ResNet(
+                in_channels=2 * cfg.flow_length, dropout=cfg.dropout_motion, **common
+            )
+        # Cross-stream connections exist only in st_resnet mode (late fusion is their ablation).
+        self.inject_stages = set(cfg.injection.stages) if cfg.mode == "st_resnet" else set()
+
+    def forward(self, rgb: Optional[Tensor], flow: Optional[Tensor]) -> dict[str, Tensor]:
+        inputs = {"appearance": rgb, "motion": flow}
+        for name in self.streams:
+            if inputs[name] is None:
+                raise ValueError(f"model mode {self.cfg.mode!r} needs the {name} input, got None")
+        num_frames = inputs[self.streams[0]].shape[1]
+        # (B, T, C, H, W) -> (B*T, C, H, W): every 2D layer processes all frames in one call.
+        frames = {name: inputs[name].flatten(0, 1) for name in self.streams}
+
+        if self.inject_stages:
+            features = self._cross_stream_features(frames["appearance"], frames["motion"], num_frames)
+        else:
+            features = {name: getattr(self, name).features(frames[name], num_frames)
+                        for name in self.streams}
+        out = {name: getattr(self, name).head(features[name], num_frames) for name in self.streams}
+        out["fused"] = torch.stack([out[name].softmax(dim=-1) for name in self.streams]).mean(0)
+        return out
+
+    def _cross_stream_features(self, a: Tensor, m: Tensor, num_frames: int) -> dict[str, Tensor]:
+        """Both streams unit by unit; stage s's second units get the other stream's first unit."""
+        injection = self.cfg.injection
+        a, m = self.appearance.stem(a), self.motion.stem(m)
+        for number in (2, 3, 4, 5):
+            a_units, m_units = self.appearance.stage(number), self.motion.stage(number)
+            for index, (a_unit, m_unit) in enumerate(zip(a_units, m_units)):
+                to_a = to_m = None
+                if index == 1 and number in self.inject_stages:
+                    to_a = m  # the motion stream's first-unit output (post-ReLU)
+                    if injection.direction == "bidirectional":
+                        to_m = a
+                a, m = (a_unit(a, num_frames, to_a, injection.kind),
+                        m_unit(m, num_frames, to_m, injection.kind))
+        return {"appearance": a, "motion": m}
+
+    def to_channels_last(self) -> "STResNet":
+        """Channels-last memory for every conv weight (in place; returns the model).
+
+        ``model.to(memory_format=torch.channels_last)`` fails on the 5D temporal weights, so 4D
+        weights get ``channels_last`` and 5D ones ``channels_last_3d`` (the same layout in memory
+        for the (B, C, T, H, W) views the temporal convs take).
+        """
+        for param in self.parameters():
+            if param.dim() in (4, 5):
+                fmt = torch.channels_last if param.dim() == 4 else torch.channels_last_3d
+                param.data = param.data.contiguous(memory_format=fmt)
+        return self
+
+
+def build_model(cfg: ModelConfig) -> STResNet:
+    """The network described by ``cfg``, with its weights initialised per ``cfg.init``."""
+    model = STResNet(cfg)
+    initialize(model, cfg.init)
+    return model

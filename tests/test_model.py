@@ -1,0 +1,544 @@
+"""The ST-ResNet model: 2D equivalence, weight loading, cross-stream and temporal switches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from stresnet.backbone import TemporalConv, inflate_1x1
+from stresnet.config import ConfigError, load_config
+from stresnet.model import STResNet, build_model
+from stresnet.weights import WeightsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def small(*overrides: str, width: float = 0.125):
+    """A CPU-sized model config: width 1/8, 5 classes, L=2 flow fields (4 channels)."""
+    base = [f"model.width={width}", "model.num_classes=5", "model.flow_length=2"]
+    return load_config(None, base + list(overrides)).model
+
+
+def clips(batch: int = 2, frames: int = 3, size: int = 32, flow_channels: int = 4):
+    return torch.randn(batch, frames, 3, size, size), torch.randn(batch, frames, flow_channels, size, size)
+
+
+def save_stream_file(stream: nn.Module, path: Path) -> str:
+    """A torchvision-style state-dict file of one stream."""
+    torch.save(stream.state_dict(), path)
+    return str(path)
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> str:
+    torch.save({"model": model.state_dict(), "config": {}}, path)
+    return str(path)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    """Max abs difference within ``tol`` of the expected tensor's scale (float32 round-off)."""
+    scale = expected.abs().max().clamp(min=1.0)
+    diff = (actual - expected).abs().max()
+    assert diff <= tol * scale, f"max diff {diff:.3g} (scale {scale:.3g})"
+
+
+def tv_features(net: torchvision.models.ResNet, x: torch.Tensor) -> torch.Tensor:
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+def randomize_bn_stats(net: nn.Module) -> None:
+    """Non-trivial running stats so that eval-mode BN is not the identity."""
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# (i) identical frames: the spatiotemporal network computes the 2D network
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", ["average", "center"])
+def test_identical_frames_match_torchvision_resnet50(tmp_path, init):
+    tv = torchvision.models.resnet50(num_classes=5).eval()
+    randomize_bn_stats(tv)
+    weights = save_stream_file(tv, tmp_path / "r50.pth")
+    cfg = small("model.injection.stages=[]", f"model.temporal.init={init}",
+                "model.init.kind=torchvision", f"model.init.torchvision_weights={weights}", width=1.0)
+    model = build_model(cfg).eval()
+    assert isinstance(model.appearance.layer1[1].conv1, TemporalConv)
+    frame = torch.randn(1, 3, 64, 64)
+    rgb = frame.unsqueeze(1).expand(1, 4, 3, 64, 64).contiguous()
+    with torch.no_grad():
+        features = model.appearance.features(rgb.flatten(0, 1), num_frames=4)
+        expected = tv_features(tv, frame)
+        for t in range(4):
+            assert_rel_close(features[t : t + 1], expected)
+        assert_rel_close(model(rgb, torch.randn(1, 4, 4, 64, 64))["appearance"], tv(frame))
+
+
+@pytest.mark.parametrize("init", ["average", "center"])
+def test_identical_frames_match_own_2d_path_at_small_width(tmp_path, init):
+    plain = build_model(small("model.mode=appearance", "model.temporal.stages=[]")).eval()
+    randomize_bn_stats(plain)
+    weights = save_stream_file(plain.appearance, tmp_path / "plain.pth")
+    model = build_model(small("model.mode=appearance", f"model.temporal.init={init}",
+                              "model.temporal.units=[1,2]", "model.init.kind=torchvision",
+                              f"model.init.torchvision_weights={weights}")).eval()
+    frames = torch.randn(2, 1, 3, 48, 48).expand(2, 5, 3, 48, 48).contiguous()
+    with torch.no_grad():
+        got = model.appearance.features(frames.flatten(0, 1), 5).unflatten(0, (2, 5))
+        want = plain.appearance.features(frames[:, 0], 1)
+        for t in range(5):
+            assert_rel_close(got[:, t], want)
+        assert_rel_close(model(frames, None)["appearance"], plain(frames[:, :1], None)["appearance"])
+
+
+def test_zero_padding_differs_only_at_clip_ends(tmp_path):
+    plain = build_model(small("model.mode=appearance", "model.temporal.stages=[]")).eval()
+    weights = save_stream_file(plain.appearance, tmp_path / "plain.pth")
+    # One temporal conv (stage 5, branch2a): the zero padding reaches exactly one frame in.
+    model = build_model(small("model.mode=appearance", "model.temporal.stages=[5]",
+                              "model.temporal.convs=[a]", "model.temporal.padding=zero",
+                              "model.init.kind=torchvision",
+                              f"model.init.torchvision_weights={weights}")).eval()
+    frames = torch.randn(1, 1, 3, 48, 48).expand(1, 5, 3, 48, 48).contiguous()
+    with torch.no_grad():
+        got = model.appearance.features(frames.flatten(0, 1), 5)
+        want = plain.appearance.features(frames[:, 0], 1)
+    for t in (1, 2, 3):
+        assert_rel_close(got[t : t + 1], want)
+    for t in (0, 4):
+        assert (got[t : t + 1] - want).abs().max() > 1e-3 * want.abs().max()
+
+
+def test_temporal_conv_sees_neighbouring_frames():
+    conv = TemporalConv(2, 3, kernel=3, padding="zero")
+    x = torch.randn(2 * 4, 2, 5, 5)
+    w = conv.weight
+    y = conv(x, num_frames=4).unflatten(0, (2, 4))
+    frames = x.unflatten(0, (2, 4))
+    t = 2  # y[t] = W0 x[t-1] + W1 x[t] + W2 x[t+1]
+    manual = sum(F.conv2d(frames[:, t - 1 + k], w[:, :, k]) for k in range(3))
+    torch.testing.assert_close(y[:, t], manual, rtol=1e-5, atol=1e-5)
+    manual_end = sum(F.conv2d(frames[:, 3 - 1 + k], w[:, :, k]) for k in range(2))
+    torch.testing.assert_close(y[:, 3], manual_end, rtol=1e-5, atol=1e-5)
+
+
+def test_inflation_rules():
+    w = torch.randn(4, 3, 1, 1)
+    avg, centre = inflate_1x1(w, 3, "average"), inflate_1x1(w, 3, "center")
+    assert avg.shape == centre.shape == (4, 3, 3, 1, 1)
+    torch.testing.assert_close(avg.sum(2), w)
+    torch.testing.assert_close(avg[:, :, 0], w / 3)
+    assert torch.equal(centre[:, :, 1], w) and not centre[:, :, [0, 2]].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# (ii)/(iii) torchvision weights into both streams; cross-modality conv1
+# ---------------------------------------------------------------------------------------------
+
+
+def test_torchvision_resnet50_loads_into_each_stream(tmp_path):
+    tv = torchvision.models.resnet50().eval()
+    randomize_bn_stats(tv)
+    weights = save_stream_file(tv, tmp_path / "resnet50.pth")
+    cfg = small("model.mode=late_fusion", "model.num_classes=1000", "model.flow_length=10",
+                "model.init.kind=torchvision", f"model.init.torchvision_weights={weights}",
+                width=1.0)
+    model = build_model(cfg).eval()  # raises on any missing/unexpected key
+    state = tv.state_dict()
+    for name in ("appearance", "motion"):
+        stream = getattr(model, name).state_dict()
+        assert set(stream) == set(state)
+        for key, value in stream.items():
+            if key == "conv1.weight" and name == "motion":
+                continue
+            expected = state[key] if value.dim() != 5 else inflate_1x1(state[key], 3, "average")
+            assert torch.equal(value, expected), f"{name}.{key}"
+
+    # The motion stream equals torchvision's ResNet-50 with the cross-modality conv1.
+    tv_flow = torchvision.models.resnet50().eval()
+    tv_flow.load_state_dict(state)
+    tv_flow.conv1 = nn.Conv2d(20, 64, 7, 2, 3, bias=False)
+    tv_flow.conv1.weight.data = state["conv1.weight"].mean(1, keepdim=True).repeat(1, 20, 1, 1)
+    rgb, flow = torch.randn(1, 1, 3, 64, 64), torch.randn(1, 1, 20, 64, 64)
+    with torch.no_grad():
+        out = model(rgb, flow)
+        assert_rel_close(out["appearance"], tv(rgb[:, 0]))
+        assert_rel_close(out["motion"], tv_flow(flow[:, 0]))
+
+
+def test_cross_modality_conv1_is_the_channel_mean(tmp_path):
+    rgb_net = build_model(small("model.mode=appearance"))
+    weights = save_stream_file(rgb_net.appearance, tmp_path / "rgb.pth")
+    model = build_model(small("model.flow_length=3", "model.init.kind=torchvision",
+                              f"model.init.torchvision_weights={weights}"))
+    w = rgb_net.appearance.conv1.weight
+    got = model.motion.conv1.weight
+    assert got.shape == (w.shape[0], 6, 7, 7)
+    for c in range(6):
+        torch.testing.assert_close(got[:, c], w.mean(dim=1), rtol=0, atol=1e-7)
+    assert torch.equal(model.appearance.conv1.weight, w)
+
+
+def test_classifier_reinitialised_when_class_count_differs(tmp_path):
+    src = build_model(small("model.mode=appearance", "model.num_classes=9"))
+    weights = save_stream_file(src.appearance, tmp_path / "nine.pth")
+    model = build_model(small("model.init.kind=torchvision",
+                              f"model.init.torchvision_weights={weights}"))
+    assert model.appearance.fc.weight.shape == (5, src.appearance.fc.in_features)
+    assert torch.equal(model.appearance.layer4[2].conv3.weight, src.appearance.layer4[2].conv3.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Init chain: base streams -> stage 1 -> stage 2
+# ---------------------------------------------------------------------------------------------
+
+
+def test_base_streams_then_checkpoint_chain(tmp_path):
+    base = {name: build_model(small(f"model.mode={name}", "model.temporal.stages=[]"))
+            for name in ("appearance", "motion")}
+    (tmp_path / "motion_run").mkdir()
+    a_file = save_checkpoint(base["appearance"], tmp_path / "appearance.pt")
+    save_checkpoint(base["motion"], tmp_path / "motion_run" / "model.pt")
+    stage1 = build_model(small("model.init.kind=base_streams",
+                               f"model.init.appearance_checkpoint={a_file}",
+                               f"model.init.motion_checkpoint={tmp_path / 'motion_run'}"))
+    for name in ("appearance", "motion"):
+        src, dst = getattr(base[name], name), getattr(stage1, name)
+        assert torch.equal(dst.conv1.weight, src.conv1.weight)
+        assert torch.equal(dst.layer3[1].conv1.weight, inflate_1x1(src.layer3[1].conv1.weight, 3, "average"))
+        assert torch.equal(dst.fc.bias, src.fc.bias)
+
+    s1_file = save_checkpoint(stage1, tmp_path / "stage1.pt")
+    stage2 = build_model(small("model.temporal_pool.kind=max", "model.init.kind=checkpoint",
+                               f"model.init.checkpoint={s1_file}"))
+    s1, s2 = stage1.state_dict(), stage2.state_dict()
+    assert set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+# ---------------------------------------------------------------------------------------------
+# (vii) loading errors name the file and the keys
+# ---------------------------------------------------------------------------------------------
+
+
+class NotATensor:
+    pass
+
+
+def test_loading_errors_name_file_and_keys(tmp_path):
+    good = build_model(small("model.mode=appearance"))
+    state = good.appearance.state_dict()
+
+    partial = {k: v for k, v in state.items() if not k.startswith("layer4.")}
+    partial["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "partial.pth"
+    torch.save(partial, path)
+    with pytest.raises(WeightsError) as err:
+        build_model(small("model.mode=appearance", "model.init.kind=torchvision",
+                          f"model.init.torchvision_weights={path}"))
+    message = str(err.value)
+    assert str(path) in message and "layer4.0.conv1.weight" in message
+    assert "unexpected keys ['extra.weight']" in message
+
+    missing = tmp_path / "nowhere.pth"
+    with pytest.raises(WeightsError, match="nowhere.pth: weights file not found"):
+        build_model(small("model.init.kind=torchvision", f"model.init.torchvision_weights={missing}"))
+
+    # A base-stream checkpoint of the wrong stream: the motion file has no appearance keys.
+    a_file = save_checkpoint(good, tmp_path / "appearance.pt")
+    with pytest.raises(WeightsError, match=r"appearance\.pt: no motion stream in this checkpoint"):
+        build_model(small("model.init.kind=base_streams", f"model.init.appearance_checkpoint={a_file}",
+                          f"model.init.motion_checkpoint={a_file}"))
+
+    # A whole-model checkpoint with streams the model lacks.
+    full = save_checkpoint(build_model(small()), tmp_path / "full.pt")
+    with pytest.raises(WeightsError, match=r"full\.pt: unexpected keys .*motion\.conv1\.weight"):
+        build_model(small("model.mode=appearance", "model.init.kind=checkpoint",
+                          f"model.init.checkpoint={full}"))
+
+    # Unsafe pickles are refused (weights_only), and the message names the file.
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model": NotATensor()}, unsafe)
+    with pytest.raises(WeightsError, match=r"unsafe\.pt: cannot load weights"):
+        build_model(small("model.init.kind=checkpoint", f"model.init.checkpoint={unsafe}"))
+
+    # Mis-shaped tensors (a different width) are listed with both shapes.
+    wide = build_model(small("model.mode=appearance", width=0.25))
+    wide_file = save_stream_file(wide.appearance, tmp_path / "wide.pth")
+    with pytest.raises(WeightsError, match=r"wide\.pth: .*shape mismatches \['bn1\.bias: file \(16,\) vs model \(8,\)"):
+        build_model(small("model.mode=appearance", "model.init.kind=torchvision",
+                          f"model.init.torchvision_weights={wide_file}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# (iv) cross-stream connections: gradients and exactly which tensors change
+# ---------------------------------------------------------------------------------------------
+
+
+def grads(module: nn.Module) -> dict[str, float]:
+    return {n: 0.0 if p.grad is None else p.grad.abs().sum().item() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("mode,stages", [("st_resnet", "[2,3,4,5]"), ("st_resnet", "[]"),
+                                         ("late_fusion", "[2,3,4,5]")])
+def test_appearance_loss_reaches_motion_only_through_injection(mode, stages):
+    model = build_model(small(f"model.mode={mode}", f"model.injection.stages={stages}"))
+    rgb, flow = clips()
+    label = torch.tensor([1, 3])
+    F.cross_entropy(model(rgb, flow)["appearance"], label).backward()
+    g = grads(model.motion)
+    if mode == "st_resnet" and stages != "[]":
+        # Every motion unit up to the last stage's first unit feeds the appearance stream ...
+        assert all(v > 0 for n, v in g.items() if n.startswith(("conv1", "layer1", "layer4.0")))
+        # ... the units after it and the motion classifier do not.
+        assert all(v == 0 for n, v in g.items() if n.startswith(("layer4.1", "layer4.2", "fc")))
+    else:
+        assert all(v == 0 for v in g.values())
+
+
+@pytest.mark.parametrize("direction", ["motion_to_appearance", "bidirectional"])
+def test_motion_loss_reaches_appearance_only_when_bidirectional(direction):
+    model = build_model(small(f"model.injection.direction={direction}"))
+    rgb, flow = clips()
+    F.cross_entropy(model(rgb, flow)["motion"], torch.tensor([0, 2])).backward()
+    g = grads(model.appearance)
+    if direction == "bidirectional":
+        assert g["layer1.0.conv1.weight"] > 0 and g["layer4.0.conv3.weight"] > 0
+        assert g["fc.weight"] == 0
+    else:
+        assert all(v == 0 for v in g.values())
+
+
+class Recorder:
+    """Forward hooks: unit outputs, the input of unit 2's branch2a, unit 2's bn3 output."""
+
+    def __init__(self, model: STResNet) -> None:
+        self.seen: dict[tuple, torch.Tensor] = {}
+        for name in ("appearance", "motion"):
+            for number in (2, 3, 4, 5):
+                stage = getattr(model, name).stage(number)
+                self._out(stage[0], (name, number, "unit1"))
+                self._out(stage[1], (name, number, "unit2"))
+                self._out(stage[1].bn3, (name, number, "bn3"))
+                stage[1].conv1.register_forward_pre_hook(self._pre((name, number, "branch_in")))
+
+    def _out(self, module: nn.Module, key: tuple) -> None:
+        module.register_forward_hook(lambda m, args, out: self.seen.__setitem__(key, out.detach().clone()))
+
+    def _pre(self, key: tuple):
+        return lambda m, args: self.seen.__setitem__(key, args[0].detach().clone())
+
+
+@pytest.mark.parametrize("kind", ["residual", "direct"])
+@pytest.mark.parametrize("direction", ["motion_to_appearance", "bidirectional"])
+def test_injection_changes_exactly_the_right_tensors(kind, direction):
+    model = build_model(small("model.injection.stages=[3,5]", f"model.injection.kind={kind}",
+                              f"model.injection.direction={direction}")).eval()
+    rec = Recorder(model)
+    with torch.no_grad():
+        model(*clips())
+    s = rec.seen
+    for number in (2, 3, 4, 5):
+        a1, m1 = s["appearance", number, "unit1"], s["motion", number, "unit1"]
+        on = number in (3, 5)
+        # Branch input of the appearance unit 2: a1 + m1 where injected, else a1.
+        assert torch.equal(s["appearance", number, "branch_in"], a1 + m1 if on else a1)
+        # Identity path: untouched for residual, a1 + m1 for direct.
+        identity = a1 + m1 if on and kind == "direct" else a1
+        torch.testing.assert_close(s["appearance", number, "unit2"],
+                                   torch.relu(s["appearance", number, "bn3"] + identity))
+        # Motion stream: receives the appearance stream's unit-1 output only when bidirectional.
+        m_in = m1 + a1 if on and direction == "bidirectional" else m1
+        assert torch.equal(s["motion", number, "branch_in"], m_in)
+        m_identity = m_in if kind == "direct" else m1
+        torch.testing.assert_close(s["motion", number, "unit2"],
+                                   torch.relu(s["motion", number, "bn3"] + m_identity))
+
+
+# ---------------------------------------------------------------------------------------------
+# (v) parameter counts, computed from the conv shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_each_switch_adds_exactly_its_parameters():
+    plain = build_model(small("model.injection.stages=[]", "model.temporal.stages=[]"))
+    n_plain = count(plain)
+
+    # Cross-stream connections are additions: no parameters, whatever the variant.
+    for variant in ("model.injection.kind=direct", "model.injection.direction=bidirectional"):
+        assert count(build_model(small("model.temporal.stages=[]", variant))) == n_plain
+
+    def temporal_extra(stages, units, convs, kernel):
+        extra = 0
+        for name in ("appearance", "motion"):
+            for number in stages:
+                for unit in units:
+                    for c in convs:
+                        w = getattr(plain, name).stage(number)[unit - 1].get_submodule(
+                            {"a": "conv1", "c": "conv3"}[c]).weight
+                        extra += (kernel - 1) * w.shape[0] * w.shape[1]
+        return extra
+
+    cases = [([2, 3, 4, 5], [2], ["a", "c"], 3), ([3], [1, 2], ["a"], 5), ([5], [3], ["c"], 3)]
+    for stages, units, convs, kernel in cases:
+        model = build_model(small(f"model.temporal.stages={stages}", f"model.temporal.units={units}",
+                                  f"model.temporal.convs=[{','.join(convs)}]",
+                                  f"model.temporal.kernel={kernel}"))
+        assert count(model) == n_plain + temporal_extra(stages, units, convs, kernel)
+
+    # Streams: st_resnet = appearance + motion; motion's conv1 has 2L instead of 3 input channels.
+    app = build_model(small("model.mode=appearance", "model.temporal.stages=[]"))
+    mot = build_model(small("model.mode=motion", "model.temporal.stages=[]", "model.flow_length=7"))
+    stem = app.appearance.conv1.weight
+    assert count(mot) - count(app) == (14 - 3) * stem.shape[0] * stem.shape[2] * stem.shape[3]
+    assert count(app) + count(build_model(small("model.mode=motion", "model.temporal.stages=[]"))) == n_plain
+    fc = app.appearance.fc
+    wider = build_model(small("model.mode=appearance", "model.temporal.stages=[]", "model.num_classes=8"))
+    assert count(wider) - count(app) == 3 * (fc.in_features + 1)
+
+
+def test_width_one_matches_torchvision_parameter_shapes():
+    for depth, ctor in ((50, torchvision.models.resnet50), (101, torchvision.models.resnet101)):
+        model = build_model(small("model.mode=appearance", "model.temporal.stages=[]",
+                                  "model.num_classes=1000", f"model.depth={depth}", width=1.0))
+        ours = {k: v.shape for k, v in model.appearance.state_dict().items()}
+        theirs = {k: v.shape for k, v in ctor().state_dict().items()}
+        assert ours == theirs
+
+
+# ---------------------------------------------------------------------------------------------
+# (vi) outputs: modes x pooling
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["st_resnet", "late_fusion", "appearance", "motion"])
+@pytest.mark.parametrize("pool", ["none", "max", "avg"])
+def test_output_shapes(mode, pool):
+    model = build_model(small(f"model.mode={mode}", f"model.temporal_pool.kind={pool}",
+                              "model.temporal_pool.window=3", "model.temporal_pool.stride=2"))
+    rgb, flow = clips(batch=2, frames=5)
+    if mode == "appearance":
+        flow = None
+    if mode == "motion":
+        rgb = None
+    out = model(rgb, flow)
+    streams = {"st_resnet": ["appearance", "motion"], "late_fusion": ["appearance", "motion"]}.get(mode, [mode])
+    assert sorted(out) == sorted(streams + ["fused"])
+    assert all(v.shape == (2, 5) for v in out.values())
+    torch.testing.assert_close(out["fused"].sum(-1), torch.ones(2))
+    if len(streams) == 1:
+        torch.testing.assert_close(out["fused"], out[mode].softmax(-1))
+    # A clip shorter than the pooling window still works (the window shrinks to the clip).
+    short = [None if x is None else x[:, :2] for x in (rgb, flow)]
+    assert model(*short)["fused"].shape == (2, 5)
+
+
+def test_missing_input_is_an_error():
+    model = build_model(small())
+    with pytest.raises(ValueError, match="needs the motion input"):
+        model(torch.randn(1, 1, 3, 32, 32), None)
+
+
+def test_max_pool_head_classifies_pooled_time_steps():
+    model = build_model(small("model.mode=appearance", "model.temporal_pool.kind=max",
+                              "model.temporal_pool.window=3", "model.temporal_pool.stride=2")).eval()
+    stream = model.appearance
+    feats = torch.randn(2 * 7, stream.fc.in_features, 2, 2)
+    per_step = feats.unflatten(0, (2, 7)).mean(dim=(3, 4))  # (B, T, C): no temporal pooling
+    clips5d = feats.unflatten(0, (2, 7))  # (B, T, C, h, w)
+    pooled = torch.stack([clips5d[:, s : s + 3].amax(1) for s in (0, 2, 4)], 1)  # windows at 0, 2, 4
+    manual = stream.fc(pooled.mean(dim=(3, 4))).mean(1)
+    torch.testing.assert_close(stream.head(feats, 7), manual)
+    assert not torch.allclose(manual, stream.fc(per_step).mean(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-style execution on CPU: channels_last + bf16 autocast
+# ---------------------------------------------------------------------------------------------
+
+
+def test_channels_last_and_bf16_autocast():
+    model = build_model(small()).eval()
+    rgb, flow = clips(frames=3)
+    with torch.no_grad():
+        reference = model(rgb, flow)
+    model.to_channels_last()
+    assert model.appearance.layer2[1].conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert model.appearance.layer2[1].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(model(rgb, flow)["fused"], reference["fused"], rtol=1e-4, atol=1e-5)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(rgb, flow)
+        loss = F.cross_entropy(out["appearance"], torch.tensor([0, 1])) + \
+            F.cross_entropy(out["motion"], torch.tensor([0, 1]))
+    assert out["appearance"].dtype == torch.bfloat16
+    loss.backward()
+    assert model.motion.layer1[1].conv1.weight.grad.isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_temporal_unit_beyond_the_stage_is_rejected():
+    with pytest.raises(ValueError, match=r"model.temporal.units: unit 4 does not exist in stage 2"):
+        build_model(small("model.temporal.units=[4]"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.temporal.kernel=2", "model.temporal.kernel: got 2, expected an odd number"),
+    ("model.injection.stages=[6]", "model.injection.stages[0]: got 6 (int), expected one of [2, 3, 4, 5]"),
+    ("model.temporal_pool.kind=mean", "model.temporal_pool.kind: got 'mean' (str), expected one of"),
+    ("model.init.kind=base_streams", "model.init.appearance_checkpoint: required when init.kind"),
+])
+def test_bad_model_configs_are_rejected(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_every_yaml_under_configs_loads():
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert files, "no configs found"
+    for path in files:
+        load_config(path)
+
+
+@pytest.mark.parametrize("dataset,classes", [("ucf101", 101), ("hmdb51", 51)])
+def test_paper_configs_chain(dataset, classes):
+    folder = REPO / "configs" / dataset
+    cfg = {name: load_config(folder / f"{name}.yaml") for name in
+           ("appearance_base", "motion_base", "stresnet_stage1", "stresnet_stage2")}
+    assert all(c.model.num_classes == classes for c in cfg.values())
+    assert cfg["appearance_base"].model.mode == "appearance"
+    assert cfg["motion_base"].model.mode == "motion"
+    assert cfg["stresnet_stage1"].model.init.kind == "base_streams"
+    assert cfg["stresnet_stage2"].model.init.kind == "checkpoint"
+    s1, s2 = cfg["stresnet_stage1"], cfg["stresnet_stage2"]
+    assert (s1.sampling.frames, s1.sampling.stride_min, s1.sampling.stride_max) == (5, 5, 15)
+    assert (s2.sampling.frames, s2.sampling.stride_min, s2.sampling.stride_max) == (11, 1, 15)
+    assert (s2.model.temporal_pool.kind, s2.model.temporal_pool.window, s2.model.temporal_pool.stride) == ("max", 5, 2)
+    # Stage 1 reads the base runs' checkpoints; stage 2 reads stage 1's.
+    for base in ("appearance_base", "motion_base"):
+        assert cfg[base].train.run_name and cfg[base].train.run_name in getattr(
+            s1.model.init, f"{base.split('_')[0]}_checkpoint")
+    assert s1.train.run_name in s2.model.init.checkpoint

@@ -1,0 +1,64 @@
+"""Clip loaders over the shards: ``build_loader`` gives the DALI or the CPU loader.
+
+See docs/loaders.md for what they yield and how work is split across ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.loaders.clips import ClipSource
+from pipelines.loaders.schedule import Schedule
+from pipelines.loaders.shards import ShardIndex
+from stresnet.config import RunConfig
+
+
+def build_loader(
+    cfg: RunConfig,
+    split: str,
+    rank: int,
+    world_size: int,
+    backend: str | None = None,
+    train: bool | None = None,
+    whole_video: bool = False,
+):
+    """The loader of ``split`` for one rank: an iterable of batch dicts with ``len()`` (batches
+    per epoch, equal on every rank) and ``set_epoch(epoch)``.
+
+    ``backend``: ``"dali"`` or ``"cpu"`` (default ``cfg.data.backend``). ``train``: training clips
+    (random positions/crops, ``cfg.data.batch_size``) or evaluation views (``test_positions``
+    uniform positions per (video, view), ``cfg.eval.batch_size``); default: evaluation for
+    ``cfg.data.val_split``, training otherwise. ``whole_video`` (evaluation only): every frame
+    position of the video instead of ``test_positions``, one clip per batch (fully convolutional
+    testing, spec section 5).
+    """
+    backend = backend or cfg.data.backend
+    if backend not in ("dali", "cpu"):
+        raise ValueError(f"backend: got {backend!r}, expected 'dali' or 'cpu'")
+    if train is None:
+        train = split != cfg.data.val_split
+    if whole_video and train:
+        raise ValueError("whole_video applies to evaluation (train=False) only")
+    index = ShardIndex(cfg.data.shards, split)
+    source = ClipSource(cfg, index, whole_video)
+    if train:
+        batch_size, frames = cfg.data.batch_size, cfg.sampling.frames
+        schedule = Schedule(len(index), batch_size, rank, world_size, cfg.seed)
+    else:
+        batch_size = 1 if whole_video else cfg.eval.batch_size
+        frames = cfg.sampling.test_positions
+        schedule = Schedule(len(index), batch_size, rank, world_size, cfg.seed, source.num_views())
+    size, workers = cfg.sampling.input_size, cfg.data.loader_workers
+
+    if backend == "cpu":
+        from pipelines.loaders.cpu import CpuClipLoader
+
+        return CpuClipLoader(source, schedule, workers, size, frames)
+    from pipelines.loaders.dali import DaliClipLoader
+
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    return DaliClipLoader(source, schedule, batch_size, frames, workers, size, device)

@@ -19,6 +19,7 @@ Layouts (``dataset.root``):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class VideoEntry:
     path: Path  # the video file
     source: str  # the path as the split file / CSV names it (recorded in the shards)
     label: int
+    class_name: str
     split: str  # "train", "test" or a CSV split name
 
 
@@ -82,7 +84,7 @@ def ucf101_source(root: str | Path, splits_dir: str | Path, split: int) -> Datas
             if class_name not in label_of:
                 problems.append(f"{splits_dir / file}: {rel}: class {class_name!r} not in classInd.txt")
                 continue
-            entries.append(VideoEntry("", root / rel, rel, label_of[class_name], split_name))
+            entries.append(VideoEntry("", root / rel, rel, label_of[class_name], class_name, split_name))
     problems += _unknown_folders(root, set(classes))
     return DatasetIndex("ucf101", classes, _with_ids(entries), problems=problems)
 
@@ -114,7 +116,7 @@ def hmdb51_source(root: str | Path, splits_dir: str | Path, split: int) -> Datas
                 unused += 1
                 continue
             rel = f"{class_name}/{parts[0]}"
-            entries.append(VideoEntry("", root / rel, rel, label, HMDB_SPLITS[parts[1]]))
+            entries.append(VideoEntry("", root / rel, rel, label, class_name, HMDB_SPLITS[parts[1]]))
     problems += _unknown_folders(root, set(classes))
     return DatasetIndex("hmdb51", classes, _with_ids(entries), unused, problems)
 
@@ -141,7 +143,7 @@ def csv_source(csv_path: str | Path) -> DatasetIndex:
     classes = sorted(labels, key=int if numeric else str)
     label_of = {name: i for i, name in enumerate(classes)}
     entries = [
-        VideoEntry("", csv_path.parent / path, path, label_of[label], split)
+        VideoEntry("", csv_path.parent / path, path, label_of[label], label, split)
         for path, label, split in parsed
     ]
     return DatasetIndex("csv", classes, _with_ids(entries), problems=problems)
@@ -195,5 +197,5 @@ def _with_ids(entries: list[VideoEntry]) -> list[VideoEntry]:
             n += 1
             vid = f"{base}_{n}"
         used.add(vid)
-        out.append(VideoEntry(vid, e.path, e.source, e.label, e.split))
+        out.append(dataclasses.replace(e, video_id=vid))
     return out

@@ -84,7 +84,7 @@ class ShardsConfig:
 
     output: str = "data/synthetic/shards"
     samples_per_shard: int = num(64, min=1)
-    short_side: int = num(256, min=16)  # resize so the shorter side is this; 0 keeps native size
+    short_side: int = num(256, min=0)  # resize so the shorter side is this; 0 keeps native size
     fps: Optional[float] = num(None, min=1.0)  # None keeps the native frame rate
     flow: Literal["tvl1", "farneback"] = "tvl1"
     tvl1_epsilon: float = num(0.01, min=1e-4, max=1.0)  # TV-L1 stopping threshold (OpenCV default)
@@ -98,6 +98,8 @@ class ShardsConfig:
     crash_after_samples: Optional[int] = num(None, min=1)
 
     def check(self) -> None:
+        if 0 < self.short_side < 16:
+            raise ConfigError(f"short_side: got {self.short_side}, expected 0 (native) or >= 16")
         if self.partition is not None and self.partition >= self.num_partitions:
             raise ConfigError(
                 f"partition: got {self.partition}, expected 0..{self.num_partitions - 1}"
@@ -264,7 +266,7 @@ class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"
     experiment: Optional[str] = None  # None: one experiment per dataset
     registered_model: Optional[str] = None  # None: stresnet-<dataset>
-    alias: str = "latest"
+    alias: str = "current"  # registry alias moved to each new final model ("latest" is reserved)
     log_system_metrics: bool = True
 
 

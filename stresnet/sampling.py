@@ -113,7 +113,7 @@ def train_positions(
     return [int(p) for p in np.rint(np.linspace(first, last, frames))]
 
 
-def test_positions(num_frames: int, count: int | None, flow_length: int) -> list[int]:
+def eval_positions(num_frames: int, count: int | None, flow_length: int) -> list[int]:
     """``count`` positions evenly over the valid range; ``None``: every position (whole video)."""
     first, last = valid_range(num_frames, flow_length)
     if count is None:
@@ -145,7 +145,7 @@ def train_crop(
     return CropBox(x, y, w, h), flip
 
 
-def test_views(height: int, width: int, cfg: SamplingConfig) -> list[tuple[CropBox, bool]]:
+def eval_views(height: int, width: int, cfg: SamplingConfig) -> list[tuple[CropBox, bool]]:
     """The evaluation views of a video: centre crop (``center``), plus its mirror
     (``center_flip``), or four corners + centre and their mirrors (``ten_crop``).
 
@@ -174,15 +174,15 @@ def train_plan(
     return _plan(positions, num_frames, flow_length, box, flip)
 
 
-def test_plan(
+def eval_plan(
     cfg: SamplingConfig, flow_length: int, view: int, num_frames: int, height: int, width: int,
     whole_video: bool = False,
 ) -> ClipPlan:
     """View ``view`` of a test video: ``test_positions`` uniform positions or the whole video."""
-    positions = test_positions(
+    positions = eval_positions(
         num_frames, None if whole_video else cfg.test_positions, flow_length
     )
-    box, flip = test_views(height, width, cfg)[view]
+    box, flip = eval_views(height, width, cfg)[view]
     return _plan(positions, num_frames, flow_length, box, flip)
 
 

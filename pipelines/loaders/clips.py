@@ -19,7 +19,7 @@ import torch
 from pipelines.loaders.schedule import ClipRequest
 from pipelines.loaders.shards import SampleError, ShardIndex, check_jpeg, clip_member_names
 from stresnet.config import RunConfig
-from stresnet.sampling import ClipPlan, normalize_clip, test_plan, test_views, train_plan
+from stresnet.sampling import ClipPlan, normalize_clip, eval_plan, eval_views, train_plan
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ClipSource:
         self.index = index
 
     def num_views(self) -> int:
-        return len(test_views(1 << 16, 1 << 16, self.sampling))
+        return len(eval_views(1 << 16, 1 << 16, self.sampling))
 
     def plan(self, request: ClipRequest, index: int) -> ClipPlan:
         ref = self.index.ref(index)
@@ -62,7 +62,7 @@ class ClipSource:
                 self.sampling, self.flow_length, self.seed, request.epoch, ref.video_id,
                 ref.num_frames, ref.height, ref.width,
             )
-        return test_plan(
+        return eval_plan(
             self.sampling, self.flow_length, request.view, ref.num_frames, ref.height,
             ref.width, self.whole_video,
         )

@@ -48,7 +48,7 @@ def train_batches(
     return [requests[k : k + batch_size] for k in range(0, len(requests), batch_size)]
 
 
-def test_batches(
+def eval_batches(
     num_samples: int, num_views: int, batch_size: int, rank: int, world_size: int
 ) -> list[list[ClipRequest]]:
     """This rank's evaluation batches: every (video, view) on exactly one rank."""
@@ -89,7 +89,7 @@ class Schedule:
 
     def __call__(self, epoch: int) -> list[list[ClipRequest]]:
         if self.num_views:
-            return test_batches(
+            return eval_batches(
                 self.num_samples, self.num_views, self.batch_size, self.rank, self.world_size
             )
         return train_batches(

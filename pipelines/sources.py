@@ -79,10 +79,14 @@ def ucf101_source(root: str | Path, splits_dir: str | Path, split: int) -> Datas
     entries: list[VideoEntry] = []
     for split_name, file in (("train", f"trainlist{split:02d}.txt"), ("test", f"testlist{split:02d}.txt")):
         for line in _lines(splits_dir / file):
-            rel = line.split()[0]
+            rel, *label = line.split()
             class_name = rel.split("/")[0]
             if class_name not in label_of:
                 problems.append(f"{splits_dir / file}: {rel}: class {class_name!r} not in classInd.txt")
+                continue
+            if label and label[0] != str(label_of[class_name] + 1):
+                problems.append(f"{splits_dir / file}: {rel}: label {label[0]} is not {class_name}'s "
+                                f"index {label_of[class_name] + 1} in classInd.txt")
                 continue
             entries.append(VideoEntry("", root / rel, rel, label_of[class_name], class_name, split_name))
     problems += _unknown_folders(root, set(classes))

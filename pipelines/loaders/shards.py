@@ -65,7 +65,7 @@ class ShardIndex:
             expected = int(shard["samples"])
             if len(found) < expected:
                 log.warning(
-                    "%s: manifest lists %d samples, only %d are readable; the rest are skipped",
+                    "%s: manifest lists %d samples, the tar holds %d; the rest are skipped",
                     path, expected, len(found),
                 )
             self.samples += found[:expected] + [None] * (expected - len(found))
@@ -137,8 +137,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _index_tar(path: Path) -> list[SampleRef]:
-    """Walk the headers of one shard; stop (with a warning) at the first damage."""
+def _index_tar(path: Path) -> list[SampleRef | None]:
+    """Walk the headers of one shard; stop (with a warning) at the first damage. A sample that
+    is found but unusable stays in the list as None, so later samples keep their index."""
     groups: dict[str, dict[str, tuple[int, int]]] = {}
     file_size = os.path.getsize(path)
     try:
@@ -153,11 +154,12 @@ def _index_tar(path: Path) -> list[SampleRef]:
     except (tarfile.TarError, EOFError, OSError) as err:
         log.warning("%s: damaged shard (%s); using the samples before the damage", path, err)
 
-    samples = []
+    samples: list[SampleRef | None] = []
     with open(path, "rb") as f:
         for key, members in groups.items():
             if "json" not in members:
                 log.warning("%s: sample %s has no json member; skipped", path, key)
+                samples.append(None)
                 continue
             offset, size = members.pop("json")
             f.seek(offset)
@@ -165,6 +167,7 @@ def _index_tar(path: Path) -> list[SampleRef]:
                 meta = json.loads(f.read(size))
             except ValueError as err:
                 log.warning("%s: sample %s has unreadable json (%s); skipped", path, key, err)
+                samples.append(None)
                 continue
             # The frame size comes from the first frame's JPEG header: it is what the crops are
             # cut from, whatever the json says about the source video.
@@ -175,6 +178,7 @@ def _index_tar(path: Path) -> list[SampleRef]:
                 size = _jpeg_size(f.read(min(length, 65536)))
             if size is None:
                 log.warning("%s: sample %s has no readable first frame; skipped", path, key)
+                samples.append(None)
                 continue
             samples.append(
                 SampleRef(

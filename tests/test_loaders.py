@@ -1,0 +1,236 @@
+"""Both loaders over tiny shards with known content (see tests/loader_shards.py)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from loader_shards import (
+    FLOW_Y_BASE, FRAME_STEP, HEIGHT, PERIOD, WIDTH, config, replace_member, write_shards,
+)
+from pipelines.loaders import build_loader
+from pipelines.loaders.schedule import train_batches
+from pipelines.shard_format import rgb_member
+from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, train_plan
+
+# 12 training videos, two shorter than a clip spans (T=3 positions, stride 1..3, L=2), in shards
+# of 4; 5 test videos.
+TRAIN_FRAMES = [12, 12, 3, 12, 2, 12, 12, 12, 12, 12, 12, 12]
+TEST_FRAMES = [12, 12, 12, 12, 12]
+BACKENDS = ["cpu", "dali"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("shards"), {"train": TRAIN_FRAMES, "test": TEST_FRAMES})
+
+
+def epoch_batches(loader, epoch: int) -> list[dict]:
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def frame_numbers(rgb: torch.Tensor) -> torch.Tensor:
+    """The frame index each decoded frame shows (green channel = FRAME_STEP * index)."""
+    green = rgb[..., 1, :, :] * IMAGENET_STD[1] * 255 + IMAGENET_MEAN[1] * 255
+    return torch.round(green.mean(dim=(-1, -2)) / FRAME_STEP).long()
+
+
+def ref_of(cfg, video_id: str) -> tuple[int, int, int]:
+    number = int(video_id[1:])
+    return TRAIN_FRAMES[number], HEIGHT, WIDTH
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes_dtypes_and_sampled_frames(shards, backend):
+    cfg = config(shards)
+    loader = build_loader(cfg, "train", 0, 1, backend=backend)
+    assert len(loader) == 6
+    batches = epoch_batches(loader, 1)
+    assert len(batches) == 6
+    for batch in batches:
+        assert batch["rgb"].shape == (2, 3, 3, 24, 24) and batch["rgb"].dtype == torch.float32
+        assert batch["flow"].shape == (2, 3, 4, 24, 24) and batch["flow"].dtype == torch.float32
+        assert batch["label"].dtype == torch.int64 and batch["label"].shape == (2,)
+        assert len(batch["video_id"]) == 2 and "view" not in batch
+        for k, vid in enumerate(batch["video_id"]):
+            num_frames, h, w = ref_of(cfg, vid)
+            assert int(batch["label"][k]) == int(vid[1:]) % 3
+            plan = train_plan(cfg.sampling, 2, cfg.seed, 1, vid, num_frames, h, w)
+            # the decoded frames are the planned ones, and the flow stacks the planned fields
+            assert frame_numbers(batch["rgb"][k]).tolist() == list(plan.positions)
+            flow_y = batch["flow"][k, :, 1::2].mean(dim=(-1, -2)) * FLOW_SCALE + 128
+            assert torch.allclose(flow_y, torch.tensor(plan.flow_indices, dtype=torch.float32) + FLOW_Y_BASE, atol=1.0)
+
+
+def test_short_videos_yield_valid_clips(shards):
+    cfg = config(shards)
+    loader = build_loader(cfg, "train", 0, 1, backend="cpu")
+    seen = set()
+    for epoch in range(3):
+        for batch in epoch_batches(loader, epoch):
+            for k, vid in enumerate(batch["video_id"]):
+                num_frames = TRAIN_FRAMES[int(vid[1:])]
+                if num_frames < 5:
+                    seen.add(vid)
+                    frames = frame_numbers(batch["rgb"][k])
+                    assert frames.min() >= 0 and frames.max() <= num_frames - 1
+                    assert torch.isfinite(batch["flow"][k]).all()
+    assert seen == {"v002", "v004"}
+
+
+def test_dali_and_cpu_loaders_agree(shards):
+    cfg = config(shards)
+    cpu = build_loader(cfg, "train", 0, 1, backend="cpu")
+    dali = build_loader(cfg, "train", 0, 1, backend="dali")
+    for epoch in (0, 3):
+        for a, b in zip(epoch_batches(cpu, epoch), epoch_batches(dali, epoch), strict=True):
+            assert a["video_id"] == b["video_id"] and torch.equal(a["label"], b["label"])
+            assert torch.equal(frame_numbers(a["rgb"]), frame_numbers(b["rgb"]))
+            # same crop box and flip: pixels agree up to decoder/resize rounding (bytes)
+            rgb_bytes = (a["rgb"] - b["rgb"]).abs() * 255 * max(IMAGENET_STD)
+            flow_bytes = (a["flow"] - b["flow"]).abs() * FLOW_SCALE
+            assert rgb_bytes.max() <= 3 and rgb_bytes.mean() < 0.5
+            assert flow_bytes.max() <= 3 and flow_bytes.mean() < 0.5
+    evals = [build_loader(cfg, "test", 0, 1, backend=b) for b in BACKENDS]
+    for a, b in zip(*evals, strict=True):
+        assert a["video_id"] == b["video_id"] and torch.equal(a["view"], b["view"])
+        assert ((a["rgb"] - b["rgb"]).abs() * 255 * max(IMAGENET_STD)).max() <= 3
+
+
+def motion_direction(red_rows: torch.Tensor) -> int:
+    """+1 if the red pattern moves right from frame 0 to frame 1, -1 if left (best shift)."""
+    a, b = red_rows[0], red_rows[1]
+    errors = {s: float(((torch.roll(a, s) - b)[8:-8] ** 2).mean()) for s in range(-6, 7) if s}
+    return 1 if min(errors, key=errors.get) > 0 else -1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flipped_clips_read_as_leftward_motion(shards, backend):
+    # stride 2 and unscaled crops: the pattern moves 2 px between positions (period 16)
+    cfg = config(shards, **{"sampling.stride_min": 2, "sampling.stride_max": 2,
+                            "sampling.crop_scale": "[1.0, 1.0]"})
+    loader = build_loader(cfg, "train", 0, 1, backend=backend)
+    flips = collections.Counter()
+    for epoch in range(2):
+        for batch in epoch_batches(loader, epoch):
+            for k, vid in enumerate(batch["video_id"]):
+                num_frames, h, w = ref_of(cfg, vid)
+                if num_frames < 12:
+                    continue
+                flip = train_plan(cfg.sampling, 2, cfg.seed, epoch, vid, num_frames, h, w).flip
+                flips[flip] += 1
+                flow_x = batch["flow"][k, :, 0::2].mean()
+                red = batch["rgb"][k, :2, 0].mean(dim=1)  # (2 positions, width)
+                assert (flow_x < 0) == flip and (flow_x > 0) == (not flip)
+                assert motion_direction(red) == (-1 if flip else 1)
+    assert flips[True] > 0 and flips[False] > 0
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_ddp_ranks_split_each_epoch_and_run_equal_batches(shards, world_size, batch_size):
+    cfg = config(shards, **{"data.batch_size": batch_size})
+    n = len(TRAIN_FRAMES)
+    for epoch in (0, 1):
+        loaders = [build_loader(cfg, "train", r, world_size, backend="cpu") for r in range(world_size)]
+        per_rank = [[v for b in epoch_batches(ld, epoch) for v in b["video_id"]] for ld in loaders]
+        lengths = {len(ld) for ld in loaders}
+        assert len(lengths) == 1
+        num_batches = lengths.pop()
+        assert num_batches == math.ceil(math.ceil(n / world_size) / batch_size)
+        assert all(len(v) == num_batches * batch_size for v in per_rank)
+        counts = collections.Counter(v for vids in per_rank for v in vids)
+        assert set(counts) == {f"v{i:03d}" for i in range(n)}  # every sample read
+        assert sum(counts.values()) - n == world_size * num_batches * batch_size - n
+        if n % (world_size * batch_size) == 0:  # no padding: exactly once, ranks disjoint
+            assert set(counts.values()) == {1}
+        # before wrapping to whole batches, the ranks' samples are disjoint except the
+        # ceil(n / W) * W - n global padding samples
+        firsts = [vids[: math.ceil(n / world_size)] for vids in per_rank]
+        overlap = sum(collections.Counter(v for f in firsts for v in f).values()) - n
+        assert overlap == math.ceil(n / world_size) * world_size - n
+    # reshuffled each epoch
+    a = train_batches(n, batch_size, 0, world_size, cfg.seed, 0)
+    b = train_batches(n, batch_size, 0, world_size, cfg.seed, 1)
+    assert [r.index for x in a for r in x] != [r.index for x in b for r in x]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_evaluation_sees_every_video_view_once(shards, world_size, backend):
+    cfg = config(shards)
+    loaders = [build_loader(cfg, "test", r, world_size, backend=backend) for r in range(world_size)]
+    assert len({len(ld) for ld in loaders}) == 1
+    seen = collections.Counter()
+    for ld in loaders:
+        batches = list(ld)
+        assert len(batches) == len(ld)
+        for batch in batches:
+            assert batch["rgb"].shape[1:] == (4, 3, 24, 24) and batch["num_views"] == 2
+            assert batch["view"].dtype == torch.int64
+            seen.update(zip(batch["video_id"], batch["view"].tolist()))
+    assert seen == {(f"v{12 + i:03d}", v): 1 for i in range(len(TEST_FRAMES)) for v in (0, 1)}
+
+
+@pytest.mark.parametrize("mode,unused", [("appearance", "flow"), ("motion", "rgb")])
+def test_single_stream_modes_leave_the_other_modality_none(shards, mode, unused):
+    cfg = config(shards, **{"model.mode": mode})
+    for backend in BACKENDS:
+        batch = next(iter(build_loader(cfg, "train", 0, 1, backend=backend)))
+        assert batch[unused] is None
+        used = "rgb" if unused == "flow" else "flow"
+        assert batch[used].shape[:2] == (2, 3)
+
+
+def test_whole_video_evaluation(shards):
+    cfg = config(shards)
+    loader = build_loader(cfg, "test", 0, 1, backend="cpu", whole_video=True)
+    batches = list(loader)
+    assert len(batches) == len(TEST_FRAMES) * 2
+    # L=2: positions 1..10 of 12 frames have their whole flow stack
+    assert frame_numbers(batches[0]["rgb"][0]).tolist() == list(range(1, 11))
+
+
+@pytest.fixture
+def damaged(shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    # every RGB frame of v005 a clip can use is garbage; the last train shard is cut in half
+    for t in range(1, TRAIN_FRAMES[5]):
+        replace_member(copy / "train-p000-00001.tar", f"v005.{rgb_member(t)}", b"not a jpeg")
+    last = copy / "train-p000-00002.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    return copy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damaged_samples_are_skipped_with_a_counted_warning(damaged, backend, caplog):
+    cfg = config(damaged)
+    with caplog.at_level(logging.WARNING):
+        loader = build_loader(cfg, "train", 0, 1, backend=backend)
+        assert "damaged shard" in caplog.text
+        batches = epoch_batches(loader, 0)
+    assert len(batches) == len(loader) == 6
+    assert all(b["rgb"].shape[0] == 2 for b in batches)
+    videos = {v for b in batches for v in b["video_id"]}
+    assert "v005" not in videos and "v011" not in videos  # v011 is past the truncation
+    skipped = sum(b["skipped"] for b in batches)
+    assert skipped == loader.skipped >= 2
+    assert "skipping sample" in caplog.text and "not a complete JPEG" in caplog.text
+
+
+def test_parallel_workers_give_the_same_batches(shards):
+    cfg = config(shards, **{"data.loader_workers": 2})
+    serial = config(shards)
+    for backend in BACKENDS:
+        a = epoch_batches(build_loader(cfg, "train", 1, 2, backend=backend), 2)
+        b = epoch_batches(build_loader(serial, "train", 1, 2, backend=backend), 2)
+        assert [x["video_id"] for x in a] == [x["video_id"] for x in b]
+        assert all(torch.equal(x["rgb"], y["rgb"]) for x, y in zip(a, b))

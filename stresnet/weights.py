@@ -78,11 +78,21 @@ def torchvision_state_dict(weights: str | None, depth: int) -> tuple[str, dict[s
     return str(weights), state
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """The ``model.pt`` that ``path`` names: the file itself, a checkpoint folder holding it, or a
+    run folder, whose newest ``checkpoint_*`` folder is taken (names sort by step)."""
+    path = Path(path)
+    if not path.is_dir() or (path / "model.pt").is_file():
+        return path / "model.pt" if path.is_dir() else path
+    newest = sorted(path.glob("checkpoint_*/model.pt"))
+    if not newest:
+        raise WeightsError(f"{path}: a folder without model.pt or checkpoint_*/model.pt")
+    return newest[-1]
+
+
 def read_checkpoint(path: str | None) -> tuple[str, dict[str, Tensor]]:
-    """(source name, model state dict) of a ``model.pt`` or a folder holding one."""
-    file = Path(str(path))
-    if file.is_dir():
-        file = file / "model.pt"
+    """(source name, model state dict) of a checkpoint: see ``checkpoint_file``."""
+    file = checkpoint_file(str(path))
     checkpoint = _load(file)
     if not isinstance(checkpoint.get("model"), dict):
         raise WeightsError(f"{file}: not a model checkpoint (expected a dict with key 'model')")

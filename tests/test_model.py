@@ -222,9 +222,13 @@ def test_base_streams_then_checkpoint_chain(tmp_path):
         assert torch.equal(dst.layer3[1].conv1.weight, inflate_1x1(src.layer3[1].conv1.weight, 3, "average"))
         assert torch.equal(dst.fc.bias, src.fc.bias)
 
-    s1_file = save_checkpoint(stage1, tmp_path / "stage1.pt")
+    # A run folder: the newest checkpoint_* folder is the one loaded.
+    run = tmp_path / "stage1_run"
+    for step, model in ((90, build_model(small())), (120, stage1)):
+        (run / f"checkpoint_{step:07d}").mkdir(parents=True)
+        save_checkpoint(model, run / f"checkpoint_{step:07d}" / "model.pt")
     stage2 = build_model(small("model.temporal_pool.kind=max", "model.init.kind=checkpoint",
-                               f"model.init.checkpoint={s1_file}"))
+                               f"model.init.checkpoint={run}"))
     s1, s2 = stage1.state_dict(), stage2.state_dict()
     assert set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
 

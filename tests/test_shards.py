@@ -1,0 +1,202 @@
+"""The shard writer: round trip, failures, resume after a kill, partitions + finalize."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import webdataset as wds
+import yaml
+
+from pipelines import shard_format as fmt
+from pipelines.shards import ShardFailures, ShardsError, finalize, main, make_shards
+from pipelines.synthetic import write_synthetic_dataset
+from pipelines.video import write_video
+from stresnet.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """A small synthetic dataset (7 classes x 2 videos of 6 frames, 32x40), written once."""
+    root = tmp_path_factory.mktemp("synthetic")
+    cfg = load_config(None, small_overrides(root, root.parent / "unused"))
+    write_synthetic_dataset(cfg.dataset)
+    return root
+
+
+def small_overrides(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "dataset.kind=synthetic", f"dataset.root={root}",
+        "dataset.synthetic.videos_per_class=2", "dataset.synthetic.frames=6",
+        "dataset.synthetic.height=32", "dataset.synthetic.width=40",
+        "dataset.synthetic.test_fraction=0.5", "dataset.synthetic.families=[appearance, motion]",
+        f"shards.output={out}", "shards.samples_per_shard=3", "shards.short_side=0",
+        "shards.flow=farneback", "shards.workers=1", *extra,
+    ]
+
+
+def config_file(tmp_path: Path, overrides: list[str]) -> Path:
+    """The overrides as a YAML config file (for the CLI in a subprocess)."""
+    cfg = load_config(None, overrides)
+    path = tmp_path / f"config-{hashlib.sha1(str(overrides).encode()).hexdigest()[:8]}.yaml"
+    from stresnet.config import dump_config
+
+    dump_config(cfg, path)
+    return path
+
+
+def read_samples(folder: Path) -> dict[str, dict]:
+    """Every sample of every shard in the manifest: key -> {member: sha1}, checking no duplicates."""
+    manifest = fmt.read_manifest(folder)
+    samples: dict[str, dict] = {}
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            count = 0
+            for sample in wds.WebDataset(str(folder / shard["name"]), shardshuffle=False):
+                key = sample["__key__"]
+                assert key not in samples, f"{key} appears twice"
+                samples[key] = {
+                    k: hashlib.sha1(v).hexdigest() for k, v in sample.items() if not k.startswith("__")
+                }
+                count += 1
+            assert count == shard["samples"]
+    return samples
+
+
+def test_round_trip_video_to_shard_to_frames(videos, tmp_path):
+    out = tmp_path / "shards"
+    cfg = load_config(None, small_overrides(videos, out, "shards.short_side=16"))
+    manifest = make_shards(cfg)
+    assert manifest["format"] == fmt.FORMAT_VERSION
+    assert manifest["classes"][:3] == ["RedDisc", "GreenDisc", "BlueDisc"]
+    assert {s: v["samples"] for s, v in manifest["splits"].items()} == {"train": 7, "test": 7}
+    assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [3, 3, 1]
+    assert manifest["failures"] == [] and manifest["unused"] == 0
+    assert set(manifest["versions"]) >= {"torch", "cv2", "av", "webdataset", "numpy", "python"}
+    assert manifest["params"]["short_side"] == 16
+
+    samples = list(wds.WebDataset(str(out / "train-p000-00000.tar"), shardshuffle=False))
+    meta = json.loads(samples[0]["json"])
+    assert meta["num_frames"] == 6 and (meta["height"], meta["width"]) == (16, 20)
+    assert meta["split"] == "train" and meta["flow_method"] == "farneback"
+    assert manifest["classes"][meta["label"]] == meta["class_name"]
+    assert meta["source"] == f"{meta['class_name']}/{meta['video_id']}" + Path(meta["source"]).suffix
+    rgb = [k for k in samples[0] if k.startswith("rgb.")]
+    flow_x = [k for k in samples[0] if k.startswith("flow_x.")]
+    flow_y = [k for k in samples[0] if k.startswith("flow_y.")]
+    assert sorted(rgb) == [fmt.rgb_member(i) for i in range(6)]
+    assert sorted(flow_x) == [fmt.flow_members(i)[0] for i in range(5)]
+    assert len(flow_y) == 5
+    image = cv2.imdecode(np.frombuffer(samples[0]["rgb.00005.jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (16, 20, 3)
+    flow = cv2.imdecode(np.frombuffer(samples[0]["flow_y.00004.jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert flow.shape == (16, 20)  # grayscale
+
+
+def test_rerun_on_complete_output_does_nothing(videos, tmp_path, capsys):
+    out = tmp_path / "shards"
+    cfg = load_config(None, small_overrides(videos, out))
+    make_shards(cfg)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    make_shards(cfg)
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    # Other settings on the same output are refused instead of mixing two kinds of shards.
+    with pytest.raises(ShardsError, match="other settings"):
+        make_shards(load_config(None, small_overrides(videos, out, "shards.jpeg_quality=70")))
+
+
+def test_corrupt_truncated_and_empty_videos_are_skipped_and_reported(videos, tmp_path, capsys):
+    good = sorted(videos.rglob("v_*"))[:3]
+    avi = next(p for p in sorted(videos.rglob("v_*.avi")))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "garbage.avi").write_bytes(b"\x00not a video" * 100)
+    (bad / "empty.mp4").write_bytes(b"")
+    (bad / "truncated.avi").write_bytes(avi.read_bytes()[: avi.stat().st_size // 2])
+    one = bad / "oneframe.mp4"
+    write_video(one, np.zeros((1, 32, 40, 3), np.uint8), 25.0)
+    listing = tmp_path / "list.csv"
+    rows = [f"{p},{p.parent.name},train" for p in good]
+    rows += [f"bad/{n},RedDisc,train" for n in ("garbage.avi", "empty.mp4", "truncated.avi", "oneframe.mp4")]
+    listing.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "shards"
+    overrides = ["dataset.kind=csv", f"dataset.csv={listing}", f"shards.output={out}",
+                 "shards.short_side=0", "shards.flow=farneback", "shards.workers=1"]
+
+    with pytest.raises(ShardFailures) as err:
+        make_shards(load_config(None, overrides))
+    reasons = {Path(f["source"]).name: f["reason"] for f in err.value.manifest["failures"]}
+    assert set(reasons) == {"garbage.avi", "empty.mp4", "truncated.avi", "oneframe.mp4"}
+    assert "decode error" in reasons["garbage.avi"]
+    assert "truncated" in reasons["truncated.avi"]
+    assert "only 1 frame" in reasons["oneframe.mp4"]
+    assert "4 video(s) failed" in str(err.value)
+    # The good videos were written anyway, and the CLI exits non-zero unless failures are allowed.
+    assert len(read_samples(out)) == 3
+    cfg_file = config_file(tmp_path, overrides)
+    assert main(["--config", str(cfg_file)]) == 1
+    assert main(["--config", str(cfg_file), "shards.allow_failures=true"]) == 0
+
+
+def test_killed_run_resumes_to_the_same_samples(videos, tmp_path):
+    reference = tmp_path / "reference"
+    make_shards(load_config(None, small_overrides(videos, reference)))
+
+    out = tmp_path / "resumed"
+    cfg_file = config_file(tmp_path, small_overrides(videos, out))
+    command = [sys.executable, "-m", "cluster.cli", "shards", "--config", str(cfg_file)]
+    # The run kills itself (SIGKILL) in the middle of its third shard.
+    crashed = subprocess.run(command + ["shards.crash_after_samples=7"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert crashed.returncode == -9, crashed.stderr
+    assert sorted(p.name for p in out.glob("*.tar")) == ["test-p000-00000.tar", "test-p000-00001.tar"]
+    assert len(list(out.glob("*.partial"))) == 1  # the half-written shard, never a .tar
+    assert not (out / fmt.MANIFEST).exists()
+
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(2 already written)" in resumed.stdout
+    assert not list(out.glob("*.partial"))
+    assert read_samples(out) == read_samples(reference)
+    for tar in reference.glob("*.tar"):  # deterministic down to the bytes
+        assert (out / tar.name).read_bytes() == tar.read_bytes()
+
+
+def test_three_partitions_then_finalize_equal_one_process(videos, tmp_path, capsys):
+    single = tmp_path / "single"
+    make_shards(load_config(None, small_overrides(videos, single, "shards.workers=2")))
+
+    out = tmp_path / "parts"
+    cfg_file = config_file(tmp_path, small_overrides(videos, out, "shards.num_partitions=3"))
+    for partition in (2, 0):
+        assert main(["--config", str(cfg_file), f"shards.partition={partition}"]) == 0
+    with pytest.raises(ShardsError, match="partition 1: 2 shard"):
+        finalize(load_config(cfg_file))
+    assert main(["--config", str(cfg_file), "--finalize"]) == 2
+    assert main(["--config", str(cfg_file), "shards.partition=1"]) == 0
+    capsys.readouterr()
+    assert main(["--config", str(cfg_file), "shards.partition=1"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert main(["--config", str(cfg_file), "--finalize"]) == 0
+
+    manifest = fmt.read_manifest(out)
+    names = [s["name"] for s in manifest["splits"]["train"]["shards"]]
+    assert names == ["train-p000-00000.tar", "train-p001-00000.tar", "train-p002-00000.tar"]
+    assert read_samples(out) == read_samples(single)
+
+
+def test_shipped_configs_load():
+    for name in ("ucf101", "hmdb51", "csv", "synthetic"):
+        cfg = load_config(REPO / "configs" / "shards" / f"{name}.yaml")
+        assert cfg.dataset.kind == name
+        assert yaml.safe_load((REPO / "configs" / "shards" / f"{name}.yaml").read_text())

@@ -111,8 +111,11 @@ def _build_pipeline(callback: _BatchCallback, max_positions: int, size: int, wor
         anchor, shape = boxes[0:2], boxes[2:4]
 
         def crop(jpeg, color):
+            # Absolute pixel boxes; fancy upsampling makes nvJPEG's chroma match libjpeg-turbo's
+            # (the CPU decoder and OpenCV), so GPU and CPU loaders give the same pixels.
             image = fn.decoders.image_slice(
-                jpeg, anchor, shape, axis_names="WH", output_type=color,
+                jpeg, anchor, shape, axis_names="WH", normalized_anchor=False,
+                normalized_shape=False, output_type=color, jpeg_fancy_upsampling=True,
                 device="mixed" if gpu else "cpu",
             )
             image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR,

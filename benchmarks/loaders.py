@@ -1,0 +1,203 @@
+"""Clips per second of the shard loaders against the usual per-frame-JPEG ("rawframes") layout.
+
+One synthetic dataset is written twice, as shards (``pipelines/shard_format.py``) and as a
+directory per video of ``img_00001.jpg``, ``flow_x_00001.jpg``, ``flow_y_00001.jpg`` files. Every
+row builds the same training clips (``stresnet.sampling``: same frames, crops and flips, stage-1
+T=5, L=10) with the same number of workers; rows differ only in where the JPEGs come from and
+what decodes them:
+
+* ``rawframes (CPU)``: the CPU loader's DataLoader and OpenCV decode, reading one file per JPEG.
+* ``shards, CPU loader``: ``build_loader(backend="cpu")``.
+* ``shards, DALI (cpu)``: ``build_loader(backend="dali")`` without a GPU (libjpeg-turbo in DALI).
+* ``shards, DALI (mixed)``: with ``--device cuda``: nvJPEG decode on the GPU.
+
+The timed part starts after one warm-up epoch (worker start-up and pipeline build excluded) and
+covers ``--epochs`` epochs; the rows run in turn ``--repeats`` times (the machine may be shared)
+and the table shows the median. Time to the first batch is reported separately.
+
+    .venv/bin/python -m benchmarks.loaders                # this machine, CPU rows
+    python -m benchmarks.loaders --device cuda --videos 256 --size 224 --height 256 --width 340
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+
+from benchmarks.results import markdown_table, write_section
+from pipelines.loaders import build_loader
+from pipelines.loaders.clips import ClipSource
+from pipelines.loaders.cpu import CpuClipLoader
+from pipelines.loaders.schedule import Schedule
+from pipelines.loaders.shards import SampleError, SampleRef, ShardIndex
+from pipelines.shard_format import FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name
+from stresnet.config import RunConfig, load_config
+
+
+def encode(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return data.tobytes()
+
+
+def write_dataset(root: Path, videos: int, frames: int, height: int, width: int,
+                  per_shard: int) -> tuple[Path, Path]:
+    """Shards and rawframes of the same videos: a blurred-noise texture drifting right, with
+    noisy flow fields, so JPEG sizes are like natural frames rather than flat colour."""
+    rng = np.random.default_rng(0)
+    shards, raw = root / "shards", root / "rawframes"
+    shards.mkdir(parents=True)
+    entries, sink = [], None
+    for v in range(videos):
+        if v % per_shard == 0:
+            if sink:
+                sink.close()
+            name = shard_name("train", 0, len(entries))
+            entries.append({"name": name, "samples": min(per_shard, videos - v)})
+            sink = wds.TarWriter(str(shards / name), encoder=False)
+        key = f"video{v:05d}"
+        texture = cv2.GaussianBlur(rng.integers(0, 256, (height, width + frames, 3), np.uint8), (7, 7), 2)
+        sample = {"__key__": key, "json": (
+            f'{{"video_id": "{key}", "label": {v % 10}, "num_frames": {frames}, '
+            f'"height": {height}, "width": {width}}}').encode()}
+        folder = raw / key
+        folder.mkdir(parents=True)
+        for t in range(frames):
+            data = encode(texture[:, frames - t : frames - t + width])
+            sample[rgb_member(t)] = data
+            (folder / f"img_{t + 1:05d}.jpg").write_bytes(data)
+        for i in range(frames - 1):
+            for name, prefix in zip(flow_members(i), ("flow_x", "flow_y")):
+                field = rng.normal(1.0, 2.0, (height // 8, width // 8))
+                data = encode(quantize_flow(cv2.resize(field, (width, height)), 20.0))
+                sample[name] = data
+                (folder / f"{prefix}_{i + 1:05d}.jpg").write_bytes(data)
+        sink.write(sample)
+    sink.close()
+    manifest = {"format": FORMAT_VERSION, "dataset": "benchmark", "classes": [str(c) for c in range(10)],
+                "splits": {"train": {"samples": videos, "shards": entries}}}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return shards, raw
+
+
+class RawframesIndex:
+    """``ShardIndex``'s reading interface over one folder of per-frame JPEG files per video."""
+
+    def __init__(self, shard_index: ShardIndex, root: Path):
+        self.folder = root
+        self.samples = shard_index.samples  # same videos, sizes and labels
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def ref(self, index: int) -> SampleRef:
+        return self.samples[index]
+
+    def read(self, index: int, names: list[str]) -> dict[str, bytes]:
+        folder = self.root / self.samples[index].key
+        out = {}
+        for name in names:  # rgb.00003.jpg -> img_00004.jpg, flow_x.00003.jpg -> flow_x_00004.jpg
+            kind, number, _ = name.split(".")
+            file = folder / f"{'img' if kind == 'rgb' else kind}_{int(number) + 1:05d}.jpg"
+            try:
+                out[name] = file.read_bytes()
+            except OSError as err:
+                raise SampleError(f"{file}: {err.strerror}") from None
+        return out
+
+
+def measure(loader, epochs: int, batch_size: int) -> tuple[float, float]:
+    """(seconds to the first batch, clips/s over the following ``epochs`` epochs)."""
+    start = time.perf_counter()
+    loader.set_epoch(0)
+    iterator = iter(loader)
+    next(iterator)
+    first = time.perf_counter() - start
+    for _ in iterator:  # finish epoch 0 untimed
+        pass
+    start, clips = time.perf_counter(), 0
+    for epoch in range(1, epochs + 1):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            clips += len(batch["video_id"])
+    return first, clips / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--videos", type=int, default=32)
+    parser.add_argument("--frames", type=int, default=48)
+    parser.add_argument("--height", type=int, default=128)
+    parser.add_argument("--width", type=int, default=170)
+    parser.add_argument("--size", type=int, default=112, help="network input size S")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    root = Path(tempfile.mkdtemp(prefix="stresnet-loaders-"))
+    try:
+        t0 = time.perf_counter()
+        shards, raw = write_dataset(root, args.videos, args.frames, args.height, args.width, 16)
+        print(f"wrote {args.videos} videos x {args.frames} frames in {time.perf_counter() - t0:.1f}s")
+        cfg: RunConfig = load_config(None, [
+            f"data.shards={shards}", f"data.batch_size={args.batch}",
+            f"data.loader_workers={args.workers}", f"sampling.input_size={args.size}",
+            "sampling.frames=5", "sampling.stride_min=1", "sampling.stride_max=5",
+            "model.flow_length=10",
+        ])
+        t0 = time.perf_counter()
+        index = ShardIndex(shards, "train")
+        index_s = time.perf_counter() - t0
+
+        rows = []
+        raw_source = ClipSource(cfg, RawframesIndex(index, raw))
+        schedule = Schedule(len(index), args.batch, 0, 1, cfg.seed)
+        loaders = [("rawframes (CPU)", lambda: CpuClipLoader(raw_source, schedule, args.workers, args.size, 5)),
+                   ("shards, CPU loader", lambda: build_loader(cfg, "train", 0, 1, backend="cpu")),
+                   ("shards, DALI (cpu)" if args.device == "cpu" else "shards, DALI (mixed)",
+                    lambda: build_loader(cfg, "train", 0, 1, backend="dali"))]
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in loaders}
+        for _ in range(args.repeats):
+            for name, make in loaders:
+                first, rate = measure(make(), args.epochs, args.batch)
+                runs[name].append((first, rate))
+                print(f"{name:<24} {rate:8.1f} clips/s   (first batch after {first:.1f}s)")
+        median = {name: float(np.median([r for _, r in v])) for name, v in runs.items()}
+        base = median["rawframes (CPU)"]
+        for name, values in runs.items():
+            first = float(np.median([f for f, _ in values]))
+            rows.append([name, f"{median[name]:.1f}", f"{median[name] / base:.2f}x", f"{first:.1f}"])
+        table = markdown_table(["loader", "clips/s", "vs rawframes", "first batch (s)"], rows)
+        setup = (
+            f"{args.videos} videos x {args.frames} frames of {args.height}x{args.width}, "
+            f"clips of T=5 frames + 5 stacks of L=10 flow fields (105 JPEGs per clip) at "
+            f"{args.size}x{args.size}, batch {args.batch}, {args.workers} workers, "
+            f"{args.epochs} epochs timed after one warm-up epoch, median of {args.repeats} "
+            f"interleaved runs. Shard index build: {index_s:.2f}s."
+        )
+        print(table)
+        if not args.no_write:
+            write_section("loaders", f"### Loaders (`benchmarks/loaders.py`)\n\n{setup}\n\n{table}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""``stresnet evaluate``: video-level accuracy report of a checkpoint or a registered MLflow model.
+
+    stresnet evaluate --config FILE --checkpoint runs/NAME/checkpoint_0000100 [key=value ...]
+    stresnet evaluate --config FILE --model-uri models:/stresnet-ucf101@current
+
+Scores every test view of the ``data.val_split`` videos (spec section 5: ``sampling.test_positions``
+frame positions, ``sampling.test_crops`` crops), averages each video's softmax scores and writes
+``report.json`` (top-1/top-5 of appearance, motion and fused scores, per-class accuracy, confusion
+matrix) and ``confusion_matrix.png`` into ``eval.output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from stresnet.config import ConfigError, ModelConfig, RunConfig, add_config_arguments, config_from_args, from_dict
+from stresnet.evaluate import collect_scores, save_report, video_report
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """The network saved in ``model.pt`` (or a checkpoint folder holding it), built from the
+    model config stored beside the weights, so it matches whatever the run trained."""
+    from stresnet.model import build_model
+
+    path = Path(path)
+    file = path / "model.pt" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no model.pt here (expected a file or a checkpoint folder)")
+    payload = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise ValueError(f"{file}: not a stresnet model file (expected keys 'model' and 'config')")
+    model_cfg = from_dict(ModelConfig, payload["config"]["model"], "model")
+    # The weights are about to be replaced: skip loading the init weights the config names.
+    model = build_model(from_dict(ModelConfig, {**payload["config"]["model"], "init": {"kind": "random"}}))
+    model.load_state_dict(payload["model"])
+    return model, model_cfg
+
+
+def load_registered_model(uri: str, tracking_uri: str) -> nn.Module:
+    """The two-input network inside a model logged by ``cluster.tracking.log_final_model``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    served = mlflow.pytorch.load_model(uri, map_location="cpu")
+    return served.model
+
+
+def evaluate_model(cfg: RunConfig, model: nn.Module) -> tuple[dict, dict[str, Path]]:
+    """Score the validation split in this process; returns the report and its files."""
+    from pipelines.loaders import build_loader
+    from pipelines.shard_format import read_manifest
+
+    if cfg.eval.fully_convolutional:
+        raise ConfigError(
+            "eval.fully_convolutional: whole-video evaluation is not implemented; set it to false"
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    loader = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False)
+    scores = collect_scores(model, loader, device, bf16=cfg.train.bf16 and device.type == "cuda")
+    report = video_report(scores, read_manifest(cfg.data.shards)["classes"])
+    return report, save_report(report, cfg.eval.output)
+
+
+def format_summary(report: dict) -> str:
+    lines = [f"{'stream':<11} {'top-1':>7} {'top-5':>7}   ({report['videos']} videos)"]
+    for stream, values in report["streams"].items():
+        lines.append(f"{stream:<11} {values['top1']:>7.3f} {values['top5']:>7.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stresnet evaluate", description=__doc__.splitlines()[0])
+    add_config_arguments(parser)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="model.pt or a checkpoint folder holding it")
+    source.add_argument("--model-uri", help="MLflow model URI, e.g. models:/stresnet-ucf101@current")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.checkpoint:
+            model, model_cfg = load_checkpoint_model(args.checkpoint)
+            if model_cfg != cfg.model:
+                print("note: evaluating with the checkpoint's own model config", file=sys.stderr)
+        else:
+            from cluster.tracking import absolute_tracking_uri
+
+            model = load_registered_model(args.model_uri, absolute_tracking_uri(cfg.tracking.uri))
+        report, files = evaluate_model(cfg, model)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"stresnet evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(report))
+    print(f"report: {files['report']}")
+    if "confusion_matrix" in files:
+        print(f"confusion matrix: {files['confusion_matrix']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""MLflow tracking: one experiment per dataset, one MLflow run per training run.
+
+Ray Train has no MLflow callback for its current API, so world rank 0 logs from inside the
+training function (``cluster/train.py``). The MLflow run id travels in every checkpoint's
+``train_state.pt``; a resumed run re-opens the same MLflow run instead of starting a new one.
+
+The final model is logged with ``mlflow.pytorch`` as a :class:`ServingModel` (one packed input
+tensor in, one tensor of per-stream scores out, which is what MLflow's pyfunc serving supports),
+registered under a model name per dataset and pointed to by an alias.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from stresnet.config import RunConfig, dump_config, flatten
+from stresnet.evaluate import REPORT_STREAMS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class TrackingError(RuntimeError):
+    """The tracking URI cannot be used; the message says what to fix."""
+
+
+def experiment_name(cfg: RunConfig) -> str:
+    return cfg.tracking.experiment or f"stresnet-{cfg.dataset.kind}"
+
+
+def registered_model_name(cfg: RunConfig) -> str:
+    return cfg.tracking.registered_model or f"stresnet-{cfg.dataset.kind}"
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///file.db`` absolute, so Ray workers (whose working directory
+    is not the driver's) write to the same database."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any training, when the tracking store cannot be reached."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise TrackingError(
+                f"tracking.uri: {uri}: folder {folder} does not exist; create it or point "
+                f"tracking.uri at a writable place (default sqlite:///mlflow.db)"
+            )
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"tracking.uri: {uri}: folder {folder} is not writable")
+        return
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout_s) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except urllib.error.HTTPError as err:
+            problem = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            problem = str(getattr(err, "reason", err))
+        raise TrackingError(
+            f"tracking.uri: cannot reach the MLflow server at {uri} ({problem}); start it "
+            f"(e.g. `mlflow server --host 127.0.0.1 --port 5000`) or set tracking.uri to a "
+            f"reachable server or to sqlite:///mlflow.db"
+        )
+    # Other schemes (databricks, file, ...): MLflow reports problems itself on first use.
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_tags(ray_address: str | None) -> dict[str, str]:
+    """Where the run came from: git commit, SLURM job and Ray cluster, where present."""
+    tags = {
+        "git_commit": git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "ray_address": ray_address,
+    }
+    return {key: value for key, value in tags.items() if value}
+
+
+def start_run(cfg: RunConfig, run_name: str, run_id: str | None, tags: dict[str, str]) -> str:
+    """Open the MLflow run (a new one, or ``run_id`` when resuming); returns its id.
+
+    A new run gets the flattened config as params and the resolved config as ``config.yaml``.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    mlflow.set_experiment(experiment_name(cfg))
+    system = cfg.tracking.log_system_metrics
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id, log_system_metrics=system).info.run_id
+    run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system)
+    mlflow.log_params(flatten(cfg))
+    mlflow.log_text(dump_config(cfg), "config.yaml")
+    return run.info.run_id
+
+
+class ServingModel(nn.Module):
+    """The trained network behind one tensor, for MLflow's pyfunc serving.
+
+    Input ``clips (B, T, C, H, W)``: RGB channels then the flow stack's ``2L`` channels (only
+    the modalities the model uses). Output ``(B, S, K)``: softmax scores of the streams the model
+    has, in the order of :attr:`streams` (e.g. appearance, motion, fused).
+    """
+
+    def __init__(self, model: nn.Module, uses_rgb: bool, uses_flow: bool, streams: list[str]):
+        super().__init__()
+        self.model = model
+        self.uses_rgb = uses_rgb
+        self.uses_flow = uses_flow
+        self.streams = streams
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        rgb = clips[:, :, :3] if self.uses_rgb else None
+        flow = (clips[:, :, 3:] if self.uses_rgb else clips) if self.uses_flow else None
+        outputs = self.model(rgb, flow)
+        scores = [
+            outputs[s].float() if s == "fused" else outputs[s].float().softmax(dim=1)
+            for s in self.streams
+        ]
+        return torch.stack(scores, dim=1)
+
+
+def serving_model(model: nn.Module, cfg: RunConfig) -> ServingModel:
+    """A CPU float32 copy of ``model`` (unwrapped from DDP) behind :class:`ServingModel`."""
+    model = copy.deepcopy(getattr(model, "module", model)).float().cpu().eval()
+    mode = cfg.model.mode
+    uses_rgb, uses_flow = mode != "motion", mode != "appearance"
+    streams = [s for s in REPORT_STREAMS if s == "fused" or (s == "appearance" and uses_rgb) or (s == "motion" and uses_flow)]
+    return ServingModel(model, uses_rgb, uses_flow, streams)
+
+
+def example_clips(cfg: RunConfig, seed: int = 0) -> np.ndarray:
+    """A small input example (one clip, 32x32: the network is fully convolutional in space)."""
+    mode = cfg.model.mode
+    channels = (3 if mode != "motion" else 0) + (2 * cfg.model.flow_length if mode != "appearance" else 0)
+    generator = np.random.default_rng(seed)
+    return generator.standard_normal((1, cfg.sampling.frames, channels, 32, 32), dtype=np.float32)
+
+
+def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
+    """Log the model to the active MLflow run, register it, point the alias at it.
+
+    Returns the registry URI ``models:/<name>@<alias>``.
+    """
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    serving = serving_model(model, cfg)
+    example = example_clips(cfg)
+    with torch.no_grad():
+        scores = serving(torch.from_numpy(example)).numpy()
+    signature = ModelSignature(
+        # Unnamed tensors: pyfunc then passes one array, which is all mlflow.pytorch serves.
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1], example.shape[2], -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) + scores.shape[1:])]),
+    )
+    name = registered_model_name(cfg)
+    info = mlflow.pytorch.log_model(
+        serving,
+        name="model",
+        signature=signature,
+        input_example=example,
+        registered_model_name=name,
+        # The pickled model refers to these packages' classes; ship their code with it.
+        serialization_format="pickle",  # torch.export (pt2) would fix the example's shapes
+        code_paths=[str(REPO / "stresnet"), str(REPO / "cluster")],
+        # Skip MLflow's requirement inference (it imports the model in a subprocess: slow).
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml"],
+    )
+    mlflow.MlflowClient().set_registered_model_alias(
+        name, cfg.tracking.alias, info.registered_model_version
+    )
+    return f"models:/{name}@{cfg.tracking.alias}"
+
+
+def log_report(report_files: dict[str, Path], artifact_path: str) -> None:
+    """Log an evaluation report's files (``save_report``'s result) to the active run."""
+    import mlflow
+
+    for path in report_files.values():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_metrics(metrics: dict[str, Any], step: int) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)

@@ -27,9 +27,13 @@ import os
 import platform
 import signal
 import sys
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
+from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
@@ -293,44 +297,55 @@ def write_partition(
     # In a log file (SLURM) a bar redrawn every 0.1 s is noise: redraw every 30 s there.
     bar = tqdm(total=len(videos), unit="video", desc=f"p{partition:03d}",
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    results = process_videos(videos, processing, cfg.workers)
-    try:
+    failed = len(record_failures(record))
+    with bar, closing(process_videos(videos, processing, cfg.workers)) as results:
         for plan in todo:
-            failures = []
-            partial = out / (plan.name + ".partial")
-            keys = []
-            with open(partial, "wb") as stream:
-                writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="stresnet", group="stresnet")
-                for entry in plan.entries:
-                    sample, reason = next(results)
-                    if reason is not None:
-                        failures.append({"source": entry.source, "video_id": entry.video_id,
-                                         "split": entry.split, "reason": reason})
-                        bar.write(f"skipped {entry.source}: {reason}")
-                    else:
-                        writer.write(sample)
-                        keys.append(entry.video_id)
-                        written += 1
-                        if cfg.crash_after_samples is not None and written >= cfg.crash_after_samples:
-                            stream.flush()
-                            os.kill(os.getpid(), signal.SIGKILL)  # failure injection: a hard crash
-                    bar.update(1)
-                    bar.set_postfix(failed=len(record_failures(record)) + len(failures))
-                writer.close()
-                stream.flush()
-                os.fsync(stream.fileno())
-            if keys:
-                os.replace(partial, out / plan.name)  # atomic: a .tar is always complete
-            else:
-                partial.unlink()
+            crash_at = None if cfg.crash_after_samples is None else cfg.crash_after_samples - written
+            keys, failures = write_shard(out, plan, results, bar, crash_at)
+            written += len(keys)
+            failed += len(failures)
+            bar.set_postfix(failed=failed)
             record["shards"][plan.name] = {"samples": len(keys), "keys": keys, "failures": failures}
             _write_json(record_path(out, partition), record)
-    finally:
-        bar.close()
-        results.close()
     print(f"partition {partition}: wrote {len(todo)} shard(s), {written} sample(s), "
           f"{len(record_failures(record))} failure(s) in total")
     return record
+
+
+def write_shard(
+    out: Path, plan: ShardPlan, results: Iterator, bar: tqdm, crash_at: int | None
+) -> tuple[list[str], list[dict]]:
+    """Write one shard from the next ``len(plan.entries)`` results; return (keys, failures).
+
+    The tar is written as ``NAME.partial`` and renamed when complete, so a ``.tar`` is never
+    half-written. A shard whose every video failed is not written at all.
+    """
+    partial = out / (plan.name + ".partial")
+    keys, failures = [], []
+    with open(partial, "wb") as stream:
+        # Fixed member times and owner: the same videos always give the same bytes.
+        writer = wds.TarWriter(stream, encoder=False, mtime=0.0, user="stresnet", group="stresnet")
+        for entry in plan.entries:
+            sample, reason = next(results)
+            bar.update(1)
+            if reason is not None:
+                failures.append({"source": entry.source, "video_id": entry.video_id,
+                                 "split": entry.split, "reason": reason})
+                bar.write(f"skipped {entry.source}: {reason}")
+                continue
+            writer.write(sample)
+            keys.append(entry.video_id)
+            if crash_at is not None and len(keys) >= crash_at:
+                stream.flush()
+                os.kill(os.getpid(), signal.SIGKILL)  # failure injection: a hard crash mid-shard
+        writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+    if keys:
+        os.replace(partial, out / plan.name)  # atomic on one filesystem
+    else:
+        partial.unlink()
+    return keys, failures
 
 
 def record_failures(record: dict) -> list[dict]:
@@ -354,17 +369,27 @@ def _is_written(manifest: dict, plan: ShardPlan) -> bool:
 def process_videos(
     videos: list[VideoEntry], processing: Processing, workers: int
 ) -> Iterator[tuple[dict | None, str | None]]:
-    """(sample, None) or (None, reason) per video, in order; a pool when ``workers`` != 1."""
-    workers = workers or len(os.sched_getaffinity(0))
-    workers = min(workers, len(videos))
-    jobs = [(entry, processing) for entry in videos]
+    """(sample, None) or (None, reason) per video, in order; a process pool when ``workers`` != 1."""
+    workers = min(workers or len(os.sched_getaffinity(0)), len(videos))
+    jobs = iter([(entry, processing) for entry in videos])
     if workers <= 1:
         _init_worker()
         yield from map(_process_one, jobs)
         return
     # spawn: a clean interpreter per worker (fork after OpenCV/FFmpeg threads started can hang).
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-        yield from pool.imap(_process_one, jobs)
+    # A pool whose worker dies raises BrokenProcessPool instead of waiting forever, and at most
+    # 2 videos per worker are in flight, so finished samples never pile up in memory.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker)
+    try:
+        in_flight = deque(pool.submit(_process_one, job) for job in islice(jobs, 2 * workers))
+        while in_flight:
+            result = in_flight.popleft().result()
+            for job in islice(jobs, 1):
+                in_flight.append(pool.submit(_process_one, job))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _ESTIMATORS: dict[tuple[str, float], FlowEstimator] = {}

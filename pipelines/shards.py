@@ -113,7 +113,8 @@ def make_shards(cfg: RunConfig) -> dict:
         existing = out / fmt.MANIFEST
         if existing.is_file():
             manifest = json.loads(existing.read_text())
-            shards_there = all((out / p.name).is_file() for p in plans if _is_written(manifest, p))
+            listed = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
+            shards_there = all((out / name).is_file() for name in listed)
             if manifest.get("params") == params and shards_there:
                 print(f"nothing to do: {out} is complete ({_summary(manifest)})")
                 return _check_failures(manifest, cfg.shards)
@@ -173,7 +174,11 @@ def finalize(cfg: RunConfig, index: DatasetIndex | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``stresnet shards --config FILE [--finalize] [key=value ...]``."""
+    """``stresnet shards --config FILE [--finalize] [key=value ...]``.
+
+    Exit status: 0 done (or nothing to do), 1 some videos failed (everything else written),
+    2 nothing could be done (bad config, dataset problems, incomplete partitions, other settings).
+    """
     parser = argparse.ArgumentParser(
         prog="stresnet shards", description="videos -> RGB frames + optical flow -> WebDataset shards"
     )
@@ -355,10 +360,6 @@ def record_failures(record: dict) -> list[dict]:
 def _shard_done(out: Path, record: dict, plan: ShardPlan) -> bool:
     info = record["shards"].get(plan.name)
     return info is not None and (info["samples"] == 0 or (out / plan.name).is_file())
-
-
-def _is_written(manifest: dict, plan: ShardPlan) -> bool:
-    return any(s["name"] == plan.name for s in manifest["splits"].get(plan.split, {}).get("shards", []))
 
 
 # ------------------------------------------------------------------------------------------

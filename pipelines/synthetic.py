@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,7 +117,11 @@ def write_synthetic_dataset(cfg: DatasetConfig) -> Path:
             frames = render_video(cls, rng, syn.frames, syn.height, syn.width)
             ext = ".mp4" if v % 2 == 0 else ".avi"
             rel = f"{cls.name}/v_{cls.name}_g{v + 1:02d}_c01{ext}"
-            write_video(root / rel, frames, syn.fps)
+            # Write under a private name, then rename: tasks generating the same dataset at once
+            # (e.g. a job array) never see a half-written file.
+            tmp = root / cls.name / f".{os.getpid()}.{Path(rel).name}"
+            write_video(tmp, frames, syn.fps)
+            os.replace(tmp, root / rel)
             if v < syn.videos_per_class - n_test:
                 train_lines.append(f"{rel} {label + 1}")
             else:

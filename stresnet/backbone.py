@@ -57,21 +57,34 @@ class TemporalConv(nn.Conv3d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, padding: str) -> None:
-        super().__init__(in_channels, out_channels, (kernel, 1, 1), bias=False)
+        super().__init__(in_channels, out_channels, (kernel, 1, 1), padding=(kernel // 2, 0, 0),
+                         bias=False)
         self.time_padding = padding
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:  # type: ignore[override]
         # (B*T, C, H, W) -> (B, C, T, H, W): a view; channels_last frames become channels_last_3d.
         clips = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
-        pad = self.kernel_size[0] // 2
-        if pad:
-            if self.time_padding == "replicate":
-                index = torch.arange(-pad, num_frames + pad, device=x.device).clamp_(0, num_frames - 1)
-                clips = clips.index_select(2, index)
-            else:
-                clips = F.pad(clips, (0, 0, 0, 0, pad, pad))
-        out = F.conv3d(clips, self.weight)
+        out = F.conv3d(clips, self.weight, padding=self.padding)  # zero padding in time
+        if self.time_padding == "replicate":
+            self._add_replicated_ends(out, clips)
         return out.transpose(1, 2).flatten(0, 1)
+
+    def _add_replicated_ends(self, out: Tensor, clips: Tensor) -> None:
+        """Turn zero padding into replicate padding, in place.
+
+        Output frame t misses the taps that fell off the clip; replicate padding feeds them the end
+        frame. Adding those terms afterwards, instead of padding a copy of the input, keeps the
+        memory of a plain conv: the end frames are views of the input autograd saves anyway.
+        The loops run over the padding width (1 for kernel 3), not over the clip.
+        """
+        pad, frames = self.padding[0], clips.shape[2]
+        first, last = clips[:, :, :1], clips[:, :, -1:]
+        for t in range(min(pad, frames)):  # the n = pad - t taps left of frame 0 read frame 0
+            n = pad - t
+            out[:, :, t : t + 1] += F.conv3d(first.expand(-1, -1, n, -1, -1), self.weight[:, :, :n])
+        for t in range(max(frames - pad, 0), frames):  # the n taps past the end read the last
+            n = t + pad + 1 - frames
+            out[:, :, t : t + 1] += F.conv3d(last.expand(-1, -1, n, -1, -1), self.weight[:, :, -n:])
 
 
 def _conv(conv: nn.Module, x: Tensor, num_frames: int) -> Tensor:

@@ -136,6 +136,28 @@ def test_temporal_conv_sees_neighbouring_frames():
     torch.testing.assert_close(y[:, 3], manual_end, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("frames", [1, 2, 4])
+@pytest.mark.parametrize("padding", ["replicate", "zero"])
+def test_temporal_conv_matches_explicitly_padded_reference(kernel, frames, padding):
+    conv = TemporalConv(3, 2, kernel=kernel, padding=padding)
+    x = torch.randn(2 * frames, 3, 4, 4, requires_grad=True)
+    pad = kernel // 2
+    clips = x.unflatten(0, (2, frames)).transpose(1, 2)  # (B, C, T, H, W)
+    index = torch.arange(-pad, frames + pad)
+    padded = clips[:, :, index.clamp(0, frames - 1)]
+    if padding == "zero":
+        padded = padded * ((index >= 0) & (index < frames)).float().view(1, 1, -1, 1, 1)
+    reference = F.conv3d(padded, conv.weight).transpose(1, 2).flatten(0, 1)
+    got = conv(x, frames)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (x, conv.weight), g)
+    expected = torch.autograd.grad(reference, (x, conv.weight), g)
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_inflation_rules():
     w = torch.randn(4, 3, 1, 1)
     avg, centre = inflate_1x1(w, 3, "average"), inflate_1x1(w, 3, "center")

@@ -13,7 +13,10 @@ Ray and runs a ``TorchTrainer``. Each worker runs :func:`train_loop`:
 - on (re)start a worker restores the latest checkpoint (Ray Train hands it back after a worker
   failure, and when a run with the same name is launched again in the same storage path), sets the
   loader to the saved epoch and skips the micro-batches that epoch already consumed, so the
-  resumed run sees exactly the data, learning rates and dropout masks of an uninterrupted one.
+  resumed run sees exactly the data, learning rates and dropout masks of an uninterrupted one;
+- SIGUSR1 to the driver (``slurm/ray_train.sh`` forwards SLURM's warning before a time limit or
+  preemption) makes every rank stop after the current step with a checkpoint; the command then
+  exits with ``EXIT_STOPPED`` (75) and the same run continues with ``train.resume=true``.
 
 Also runnable against a running cluster::
 
@@ -26,8 +29,10 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -56,6 +61,8 @@ from stresnet.train_step import (
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 FAILURE_MARKER = "failure_injected"  # in the run folder: the injected failure already happened
+STOP_REQUEST = "stop_requested"  # in the run folder: checkpoint after the current step and stop
+EXIT_STOPPED = 75  # `stresnet train` stopped on request (EX_TEMPFAIL): resume the run later
 
 
 class PreflightError(RuntimeError):
@@ -70,6 +77,7 @@ class TrainResult:
     mlflow_run_id: str | None
     steps: int  # optimizer steps done in total
     metrics: dict  # the last reported metrics
+    stopped: bool = False  # stopped early on request (SIGUSR1), checkpointed; resume to finish
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,6 +234,11 @@ def run_training(cfg: RunConfig) -> TrainResult:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
+    # Rank 0 polls this file (the run folder is shared storage; the driver may be on another node).
+    stop_request = run_dir / STOP_REQUEST
+    stop_request.unlink(missing_ok=True)  # the last launch's request (before a requeue) is done
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, lambda *_: request_stop(stop_request))
     result = trainer.fit()
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
     state = load_train_state(checkpoint) if checkpoint else {}
@@ -236,7 +249,15 @@ def run_training(cfg: RunConfig) -> TrainResult:
         mlflow_run_id=state.get("mlflow_run_id"),
         steps=state.get("global_step", 0),
         metrics=dict(result.metrics or {}),
+        stopped=bool((result.metrics or {}).get("stopped_on_request")),
     )
+
+
+def request_stop(stop_request: Path) -> None:
+    """Ask the workers to checkpoint after their current step and stop (the SIGUSR1 handler)."""
+    stop_request.parent.mkdir(parents=True, exist_ok=True)
+    stop_request.touch()
+    progress(f"stop requested: checkpointing after the current step ({stop_request})")
 
 
 def load_train_state(checkpoint_dir: str | Path) -> dict:
@@ -357,7 +378,8 @@ def train_loop(loop_config: dict) -> None:
             torch.manual_seed(step_seed(cfg.seed, rank, step))
             lr = learning_rate(cfg.train, step)
             set_learning_rate(optimizer, lr)
-            waited, totals = 0.0, torch.zeros(3, dtype=torch.float64)  # loss sum, correct, clips
+            # loss sum, correct, clips, stop requested (rank 0 decides for all ranks)
+            waited, totals = 0.0, torch.zeros(4, dtype=torch.float64)
             for micro in range(accumulation):
                 before = time.perf_counter()
                 batch = next(batches)
@@ -366,14 +388,19 @@ def train_loop(loop_config: dict) -> None:
                     model, batch, accumulation, device,
                     sync_gradients=micro == accumulation - 1, bf16=bf16,
                 )
-                totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips],
+                totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips, 0],
                                        dtype=torch.float64)
+            if rank == 0 and (run_dir / STOP_REQUEST).exists():
+                totals[3] = 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if world > 1:
                 torch.distributed.all_reduce(totals)  # gloo/nccl: sums over workers
             state["global_step"] = step + 1
             session_steps += 1
+            stop_requested = bool(totals[3] > 0) and state["global_step"] < total_steps
+            if stop_requested:
+                total_steps = state["global_step"]  # checkpoint below, then leave both loops
             elapsed = time.perf_counter() - started
             metrics = {
                 "loss": float(totals[0] / totals[2]),
@@ -383,6 +410,8 @@ def train_loop(loop_config: dict) -> None:
                 "data_wait_fraction": waited / elapsed,
                 "epoch": epoch + 1,
             }
+            if stop_requested:
+                metrics["stopped_on_request"] = 1.0
             if rank == 0:
                 tracking.log_metrics(metrics, step=state["global_step"])
                 per_step = (time.perf_counter() - session_start) / session_steps
@@ -472,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PreflightError) as err:
         print(f"stresnet train: error: {err}", file=sys.stderr)
         return 2
+    if result.stopped:
+        print(f"stopped on request at step {result.steps}, checkpoint {result.checkpoint}; continue "
+              f"with train.run_name={result.run_name} train.resume=true")
+        return EXIT_STOPPED
     print(f"run:        {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"steps:      {result.steps}")

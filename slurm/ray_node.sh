@@ -1,0 +1,108 @@
+#!/bin/bash
+# One Ray node of a SLURM job, on the machine this runs on. slurm/ray_train.sh uses it:
+#
+#   ray_node.sh address  print ip:port the head's GCS has when this node is the head
+#   ray_node.sh gpus     print how many GPUs SLURM gave this node
+#   ray_node.sh head     run the head node in the foreground (`ray start --head --block`)
+#   ray_node.sh worker   run a worker node in the foreground, joined to RAY_HEAD_ADDRESS
+#
+# Foreground (--block) on purpose: stopping this script (SIGTERM) stops exactly this job's Ray
+# processes and removes its temp folder, whereas `ray stop` would stop every Ray on the machine,
+# other jobs' included.
+#
+# Settings (environment; ray_train.sh exports them and srun passes them on):
+#   VENV              the virtualenv with ray (default: .venv of this checkout)
+#   RAY_PORT_BASE     first of this job's ports (default: from SLURM_JOB_ID, see below)
+#   RAY_TEMP_DIR      Ray's temp/log folder on this node (default: /tmp/ray-$SLURM_JOB_ID)
+#   RAY_NODE_IFACE    network interface whose IPv4 address Ray uses (e.g. ib0, eth1); default:
+#                     the address Ray picks itself (the one of the default route)
+#   RAY_HEAD_ADDRESS  ip:port of the head's GCS (worker role)
+#   RAY_AUTH_TOKEN    this job's Ray token (RAY_AUTH_MODE=token)
+#
+# Ports: each job gets 10 fixed ports RAY_PORT_BASE+0..9 and 100 Ray worker ports, derived from
+# the job id so that two jobs on one node do not collide (jobs whose ids differ by a multiple of
+# 1000 could; set RAY_PORT_BASE explicitly in that case):
+#   RAY_PORT_BASE = 20000 + 10 * (SLURM_JOB_ID % 1000)        -> 20000..29999
+#   worker ports  = 30000 + 100 * (SLURM_JOB_ID % 300) + 0..99 -> 30000..59999
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv=${VENV:-$repo/.venv}
+job=${SLURM_JOB_ID:?ray_node.sh runs inside a SLURM job}
+base=${RAY_PORT_BASE:-$((20000 + 10 * (job % 1000)))}
+workers_from=$((30000 + 100 * (job % 300)))
+temp_dir=${RAY_TEMP_DIR:-/tmp/ray-$job}
+
+node_ip() {
+    if [[ -n ${RAY_NODE_IFACE:-} ]]; then
+        local address
+        address=$(ip -4 -o addr show dev "$RAY_NODE_IFACE" | awk '{split($4, a, "/"); print a[1]; exit}')
+        if [[ -z $address ]]; then
+            echo "ray_node.sh: interface RAY_NODE_IFACE=$RAY_NODE_IFACE has no IPv4 address on $(hostname)" >&2
+            return 1
+        fi
+        echo "$address"
+    else
+        "$venv/bin/python" -c "import ray.util; print(ray.util.get_node_ip_address())"
+    fi
+}
+
+# GPUs SLURM gave this node: SLURM_GPUS_ON_NODE, else the devices it made visible, else none.
+node_gpus() {
+    if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+        local devices
+        IFS=, read -r -a devices <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#devices[@]}"
+    else
+        echo 0
+    fi
+}
+
+role=${1:?usage: ray_node.sh address|gpus|head|worker}
+case $role in
+    address) echo "$(node_ip):$base"; exit ;;
+    gpus) node_gpus; exit ;;
+esac
+
+ip=$(node_ip)
+args=(
+    --block
+    --node-ip-address="$ip"
+    --num-cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
+    --num-gpus="$(node_gpus)"
+    --temp-dir="$temp_dir"
+    --node-manager-port=$((base + 2))
+    --object-manager-port=$((base + 3))
+    --dashboard-agent-listen-port=$((base + 4))
+    --dashboard-agent-grpc-port=$((base + 5))
+    --metrics-export-port=$((base + 6))
+    --runtime-env-agent-port=$((base + 7))
+    --min-worker-port="$workers_from"
+    --max-worker-port=$((workers_from + 99))
+    --disable-usage-stats
+)
+case $role in
+    head)
+        args+=(--head --port=$((base + 0)) --dashboard-host=127.0.0.1 --dashboard-port=$((base + 1)))
+        ;;
+    worker)
+        args+=(--address="${RAY_HEAD_ADDRESS:?worker nodes need RAY_HEAD_ADDRESS}")
+        ;;
+    *)
+        echo "ray_node.sh: unknown role $role (expected address, gpus, head or worker)" >&2
+        exit 2
+        ;;
+esac
+echo "ray_node.sh: Ray $role on $(hostname) at $ip, temp dir $temp_dir" >&2
+"$venv/bin/ray" start "${args[@]}" &
+ray_pid=$!
+trap 'kill -TERM "$ray_pid" 2>/dev/null || true' TERM INT
+status=0
+wait "$ray_pid" || status=$?
+if kill -0 "$ray_pid" 2>/dev/null; then  # woken by the trap: let Ray shut its processes down
+    wait "$ray_pid" || status=$?
+fi
+rm -rf "$temp_dir"
+exit "$status"

@@ -123,11 +123,13 @@ def test_corrupt_truncated_and_empty_videos_are_skipped_and_reported(videos, tmp
     (bad / "garbage.avi").write_bytes(b"\x00not a video" * 100)
     (bad / "empty.mp4").write_bytes(b"")
     (bad / "truncated.avi").write_bytes(avi.read_bytes()[: avi.stat().st_size // 2])
-    one = bad / "oneframe.mp4"
-    write_video(one, np.zeros((1, 32, 40, 3), np.uint8), 25.0)
+    write_video(bad / "oneframe.mp4", np.zeros((1, 32, 40, 3), np.uint8), 25.0)
+    data = avi.read_bytes()  # headers intact, cut where the frame data ('movi' list) starts
+    (bad / "zeroframes.avi").write_bytes(data[: data.index(b"movi") + 4])
     listing = tmp_path / "list.csv"
     rows = [f"{p},{p.parent.name},train" for p in good]
-    rows += [f"bad/{n},RedDisc,train" for n in ("garbage.avi", "empty.mp4", "truncated.avi", "oneframe.mp4")]
+    broken = ("garbage.avi", "empty.mp4", "truncated.avi", "oneframe.mp4", "zeroframes.avi")
+    rows += [f"bad/{name},RedDisc,train" for name in broken]
     listing.write_text("\n".join(rows) + "\n")
     out = tmp_path / "shards"
     overrides = ["dataset.kind=csv", f"dataset.csv={listing}", f"shards.output={out}",
@@ -136,11 +138,12 @@ def test_corrupt_truncated_and_empty_videos_are_skipped_and_reported(videos, tmp
     with pytest.raises(ShardFailures) as err:
         make_shards(load_config(None, overrides))
     reasons = {Path(f["source"]).name: f["reason"] for f in err.value.manifest["failures"]}
-    assert set(reasons) == {"garbage.avi", "empty.mp4", "truncated.avi", "oneframe.mp4"}
+    assert set(reasons) == set(broken)
     assert "decode error" in reasons["garbage.avi"]
     assert "truncated" in reasons["truncated.avi"]
     assert "only 1 frame" in reasons["oneframe.mp4"]
-    assert "4 video(s) failed" in str(err.value)
+    assert reasons["zeroframes.avi"] == "no frames decoded"
+    assert "5 video(s) failed" in str(err.value)
     # The good videos were written anyway, and the CLI exits non-zero unless failures are allowed.
     assert len(read_samples(out)) == 3
     cfg_file = config_file(tmp_path, overrides)

@@ -7,7 +7,7 @@ fields. The last frame has none (see ``pipelines/shard_format.py``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import cv2
 import numpy as np
@@ -43,11 +43,13 @@ class FlowEstimator:
             return self._tvl1.calc(gray0, gray1, None)
         return cv2.calcOpticalFlowFarneback(gray0, gray1, None, flags=0, **FARNEBACK)
 
-    def clip(self, frames: np.ndarray) -> np.ndarray:
-        """BGR frames (N, H, W, 3) uint8 -> flow (N - 1, H, W, 2) float32."""
-        gray = [cv2.cvtColor(f, cv2.COLOR_BGR2GRAY) for f in frames]
-        height, width = gray[0].shape
-        out = np.empty((max(len(gray) - 1, 0), height, width, 2), np.float32)
-        for i in range(len(gray) - 1):
-            out[i] = self.pair(gray[i], gray[i + 1])
-        return out
+    def fields(self, frames: np.ndarray) -> Iterator[np.ndarray]:
+        """BGR frames (N, H, W, 3) uint8 -> the N - 1 flow fields (H, W, 2) float32, one at a time.
+
+        A generator, so that a long video never holds all its float flow in memory at once.
+        """
+        previous = cv2.cvtColor(frames[0], cv2.COLOR_BGR2GRAY)
+        for frame in frames[1:]:
+            current = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            yield self.pair(previous, current)
+            previous = current

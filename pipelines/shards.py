@@ -420,16 +420,16 @@ def video_sample(entry: VideoEntry, p: Processing) -> dict:
     key = (p.flow, p.tvl1_epsilon)
     if key not in _ESTIMATORS:
         _ESTIMATORS[key] = FlowEstimator(p.flow, p.tvl1_epsilon)
-    flow = fmt.quantize_flow(_ESTIMATORS[key].clip(frames), p.flow_bound)
 
     params = [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality]
     sample: dict = {"__key__": entry.video_id}
     for i, frame in enumerate(frames):
         sample[fmt.rgb_member(i)] = _jpeg(frame, params)
-    for i in range(len(flow)):
+    for i, field in enumerate(_ESTIMATORS[key].fields(frames)):
+        flow = fmt.quantize_flow(field, p.flow_bound)
         name_x, name_y = fmt.flow_members(i)
-        sample[name_x] = _jpeg(flow[i, :, :, 0], params)
-        sample[name_y] = _jpeg(flow[i, :, :, 1], params)
+        sample[name_x] = _jpeg(flow[:, :, 0], params)
+        sample[name_y] = _jpeg(flow[:, :, 1], params)
     height, width = frames.shape[1:3]
     meta = {
         "video_id": entry.video_id, "label": entry.label, "class_name": entry.class_name, "split": entry.split,

@@ -12,8 +12,9 @@ a family the label depends on a different cue:
    green-right). Colour alone and direction alone are each at chance, and so is any late fusion
    of two independent streams; only features that combine colour and motion (the cross-stream
    connections) can do better.
-4. ``order`` (ring): right-then-left vs left-then-right. One flow stack sees one phase only; the
-   order across the clip (temporal convolutions over several positions) decides.
+4. ``order`` (ring): right, pause, back left vs left, pause, back right. The pause lasts a quarter
+   of the clip, longer than a flow stack (L <= frames / 4 + 1 fields), so no single stack sees
+   both phases; the order across the clip (temporal convolutions over positions) decides.
 
 Generation is deterministic from ``seed``: the same config writes the same decoded frames. Videos
 alternate between H.264 in MP4 and MPEG-4 part 2 in AVI so that both decoder paths are exercised.
@@ -172,7 +173,10 @@ def render_video(
         speed = rng.uniform(1.0, 1.6) * scale
     t = np.arange(frames, dtype=np.float64)
     if cls.motion in ("right_left", "left_right"):
-        t = np.minimum(t, (frames - 1) - t)  # out for the first half, back for the second
+        # Out for `out` frames, still for `pause` frames, back for `out` frames.
+        pause = frames // 4
+        out = (frames - 1 - pause) / 2
+        t = np.clip(t, 0, out) - np.clip(t - out - pause, 0, out)
     travel_x, travel_y = direction[0] * speed * t, direction[1] * speed * t
 
     # Camera: a slow pan plus jitter, applied to the whole scene (background and object).

@@ -93,6 +93,10 @@ def test_class_cues(family):
                 # label = colour XOR direction: class 0 is red-right/green-left.
                 assert (red == right) == (cls.name == "RedRightOrGreenLeft")
             else:
+                # Still in the middle quarter (no flow stack spans both phases), back at the end.
+                middle = track[half - 1 : half + 2]
+                assert np.abs(middle - middle[0]).max() < 3  # camera pan and jitter only
+                assert np.abs(track[-1, 0] - track[0, 0]) < 7  # back where it started, up to the pan
                 right_first = cls.name == "RingRightThenLeft"
                 assert (first[0] > 4) == right_first and (second[0] < -4) == right_first
                 assert (first[0] < -4) != right_first and (second[0] > 4) != right_first

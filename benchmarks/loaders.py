@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -42,6 +44,17 @@ from pipelines.loaders.schedule import Schedule
 from pipelines.loaders.shards import SampleError, SampleRef, ShardIndex
 from pipelines.shard_format import FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name
 from stresnet.config import RunConfig, load_config
+
+
+NOTES = """Reading the numbers: the rows share sampling, augmentation and worker count; the
+shard and rawframes CPU rows even share the decode code, so their difference is storage alone.
+With a warm page cache on a local disk, rawframes pays only for ~105 file opens per clip; on a
+network file system each open is a metadata round trip, which the shard layout avoids (not
+measured here). DALI's CPU mode spends its extra CPU time in `fn.resize`: in a separate check,
+DALI's CPU resize alone took longer per 112x112 grey crop (~80 us) than OpenCV's whole decode +
+crop + resize + flip (~65 us), while DALI's ROI decode was faster than OpenCV's full decode. It is
+the fallback without a GPU and the parity reference. On a GPU (`--device cuda`, row
+"DALI (mixed)") decoding and resizing run on the device."""
 
 
 def encode(image: np.ndarray) -> bytes:
@@ -117,8 +130,9 @@ class RawframesIndex:
         return out
 
 
-def measure(loader, epochs: int, batch_size: int) -> tuple[float, float]:
-    """(seconds to the first batch, clips/s over the following ``epochs`` epochs)."""
+def measure(loader, epochs: int) -> tuple[float, float, float]:
+    """(seconds to the first batch, clips/s and CPU ms of this process per clip over the
+    ``epochs`` epochs after the first)."""
     start = time.perf_counter()
     loader.set_epoch(0)
     iterator = iter(loader)
@@ -126,12 +140,13 @@ def measure(loader, epochs: int, batch_size: int) -> tuple[float, float]:
     first = time.perf_counter() - start
     for _ in iterator:  # finish epoch 0 untimed
         pass
-    start, clips = time.perf_counter(), 0
+    start, cpu, clips = time.perf_counter(), time.process_time(), 0
     for epoch in range(1, epochs + 1):
         loader.set_epoch(epoch)
         for batch in loader:
             clips += len(batch["video_id"])
-    return first, clips / (time.perf_counter() - start)
+    rate = clips / (time.perf_counter() - start)
+    return first, rate, (time.process_time() - cpu) * 1000 / clips
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,35 +180,57 @@ def main(argv: list[str] | None = None) -> int:
         index = ShardIndex(shards, "train")
         index_s = time.perf_counter() - t0
 
-        rows = []
-        raw_source = ClipSource(cfg, RawframesIndex(index, raw))
-        schedule = Schedule(len(index), args.batch, 0, 1, cfg.seed)
-        loaders = [("rawframes (CPU)", lambda: CpuClipLoader(raw_source, schedule, args.workers, args.size, 5)),
-                   ("shards, CPU loader", lambda: build_loader(cfg, "train", 0, 1, backend="cpu")),
-                   ("shards, DALI (cpu)" if args.device == "cpu" else "shards, DALI (mixed)",
-                    lambda: build_loader(cfg, "train", 0, 1, backend="dali"))]
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in loaders}
+        def loaders(workers: int) -> list:
+            run = replace(cfg, data=replace(cfg.data, loader_workers=workers))
+            raw_source = ClipSource(run, RawframesIndex(index, raw))
+            schedule = Schedule(len(index), args.batch, 0, 1, cfg.seed)
+            dali = "shards, DALI (cpu)" if args.device == "cpu" else "shards, DALI (mixed)"
+            return [
+                ("rawframes (CPU)", lambda: CpuClipLoader(raw_source, schedule, workers, args.size, 5)),
+                ("shards, CPU loader", lambda: build_loader(run, "train", 0, 1, backend="cpu")),
+                (dali, lambda: build_loader(run, "train", 0, 1, backend="dali")),
+            ]
+
+        # Throughput with workers; CPU cost with everything in this process (workers=0), where
+        # process_time() sees all of it (DALI's decoder threads included) even on a busy machine.
+        runs: dict[str, list[float]] = {}
+        firsts: dict[str, list[float]] = {}
+        cost: dict[str, list[float]] = {}
         for _ in range(args.repeats):
-            for name, make in loaders:
-                first, rate = measure(make(), args.epochs, args.batch)
-                runs[name].append((first, rate))
+            for name, make in loaders(args.workers):
+                first, rate, _ = measure(make(), args.epochs)
+                runs.setdefault(name, []).append(rate)
+                firsts.setdefault(name, []).append(first)
                 print(f"{name:<24} {rate:8.1f} clips/s   (first batch after {first:.1f}s)")
-        median = {name: float(np.median([r for _, r in v])) for name, v in runs.items()}
-        base = median["rawframes (CPU)"]
-        for name, values in runs.items():
-            first = float(np.median([f for f, _ in values]))
-            rows.append([name, f"{median[name]:.1f}", f"{median[name] / base:.2f}x", f"{first:.1f}"])
-        table = markdown_table(["loader", "clips/s", "vs rawframes", "first batch (s)"], rows)
+            for name, make in loaders(0):
+                _, _, ms = measure(make(), 1)
+                cost.setdefault(name, []).append(ms)
+                print(f"{name:<24} {ms:8.1f} CPU ms/clip (workers=0)")
+        med = lambda values: float(np.median(values))  # noqa: E731
+        base_rate, base_ms = med(runs["rawframes (CPU)"]), med(cost["rawframes (CPU)"])
+        rows = [
+            [name, f"{med(runs[name]):.1f}", f"{med(runs[name]) / base_rate:.2f}x",
+             f"{med(cost[name]):.1f}", f"{base_ms / med(cost[name]):.2f}x", f"{med(firsts[name]):.1f}"]
+            for name in runs
+        ]
+        table = markdown_table(
+            ["loader", "clips/s", "vs rawframes", "CPU ms/clip", "vs rawframes", "first batch (s)"],
+            rows,
+        )
         setup = (
             f"{args.videos} videos x {args.frames} frames of {args.height}x{args.width}, "
             f"clips of T=5 frames + 5 stacks of L=10 flow fields (105 JPEGs per clip) at "
             f"{args.size}x{args.size}, batch {args.batch}, {args.workers} workers, "
             f"{args.epochs} epochs timed after one warm-up epoch, median of {args.repeats} "
-            f"interleaved runs. Shard index build: {index_s:.2f}s."
+            f"interleaved runs. CPU ms/clip: the same loaders with 0 workers (all work in one "
+            f"process), process CPU time per clip over one epoch: the cost, independent of "
+            f"what else runs on the machine. Shard index build: {index_s:.2f}s. Load average "
+            f"at the end (other jobs share the machine, so clips/s is noisy): "
+            f"{os.getloadavg()[0]:.1f}."
         )
         print(table)
         if not args.no_write:
-            write_section("loaders", f"### Loaders (`benchmarks/loaders.py`)\n\n{setup}\n\n{table}")
+            write_section("loaders", f"### Loaders (`benchmarks/loaders.py`)\n\n{setup}\n\n{table}\n\n{NOTES}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

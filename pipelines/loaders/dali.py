@@ -217,10 +217,12 @@ class DaliClipLoader:
         return finish_batch(self.source, [], [], rgb, flow, torch.zeros(0, dtype=torch.bool), 0)
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
+        """A DALI output as a torch tensor where it already is (meta stays on the CPU)."""
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+        from nvidia.dali.tensors import TensorListGPU
 
         dense = tensor_list.as_tensor()
-        if self.device.type != "cuda":
+        if not isinstance(tensor_list, TensorListGPU):
             return torch.from_numpy(np.array(dense))
         out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))

@@ -109,12 +109,18 @@ def write_synthetic_dataset(cfg: DatasetConfig) -> Path:
         raise ValueError(f"dataset.synthetic: height and width must be even, got {syn.height}x{syn.width}")
 
     classes = synthetic_classes(syn)
+    # At least one test and one train video per class whenever there is a test split at all.
     n_test = round(syn.videos_per_class * syn.test_fraction)
+    if syn.test_fraction > 0:
+        n_test = min(max(n_test, 1), syn.videos_per_class - 1)
+    every_class = [c.name for family in FAMILY_CLASSES.values() for c in family]
     train_lines, test_lines = [], []
     for label, cls in enumerate(classes):
         (root / cls.name).mkdir(parents=True, exist_ok=True)
         for v in range(syn.videos_per_class):
-            rng = np.random.default_rng([syn.seed, label, v])
+            # Seeded by the class's place among *all* classes: a class looks the same whichever
+            # families are selected.
+            rng = np.random.default_rng([syn.seed, every_class.index(cls.name), v])
             frames = render_video(cls, rng, syn.frames, syn.height, syn.width)
             ext = ".mp4" if v % 2 == 0 else ".avi"
             rel = f"{cls.name}/v_{cls.name}_g{v + 1:02d}_c01{ext}"

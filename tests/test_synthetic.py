@@ -31,6 +31,10 @@ def test_same_seed_same_videos_and_labels(tmp_path):
         a, b = decode_video(roots[0] / rel), decode_video(roots[1] / rel)
         assert a.frames.shape == (6, 32, 40, 3)
         assert np.array_equal(a.frames, b.frames)
+    # A class looks the same whichever families are selected.
+    motion_only = write_synthetic_dataset(small(tmp_path / "m", families=["motion"]))
+    rel = Path("SquareMovesLeft/v_SquareMovesLeft_g01_c01.mp4")
+    assert np.array_equal(decode_video(roots[0] / rel).frames, decode_video(motion_only / rel).frames)
     other = write_synthetic_dataset(small(tmp_path / "c", seed=1))
     assert not np.array_equal(
         decode_video(roots[0] / videos[0]).frames, decode_video(other / videos[0]).frames

@@ -203,3 +203,27 @@ def test_shipped_configs_load():
         cfg = load_config(REPO / "configs" / "shards" / f"{name}.yaml")
         assert cfg.dataset.kind == name
         assert yaml.safe_load((REPO / "configs" / "shards" / f"{name}.yaml").read_text())
+
+
+def test_hmdb51_layout_end_to_end(videos, tmp_path):
+    """An HMDB51-style tree (class folders, per-class split files with 0/1/2 flags) -> manifest."""
+    root, splits = tmp_path / "videos", tmp_path / "splits"
+    splits.mkdir()
+    sources = sorted(videos.rglob("v_*.avi"))[:6]
+    for number, cls in enumerate(("brush_hair", "cartwheel")):
+        (root / cls).mkdir(parents=True)
+        lines = []
+        for i, flag in enumerate((1, 2, 0)):
+            name = f"clip.{cls}_{i}.avi"  # dots in names must not reach the sample keys
+            (root / cls / name).write_bytes(sources[3 * number + i].read_bytes())
+            lines.append(f"{name} {flag} ")
+        (splits / f"{cls}_test_split1.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "shards"
+    manifest = make_shards(load_config(None, [
+        "dataset.kind=hmdb51", f"dataset.root={root}", f"dataset.splits_dir={splits}",
+        f"shards.output={out}", "shards.short_side=0", "shards.flow=farneback", "shards.workers=1"]))
+    assert manifest["classes"] == ["brush_hair", "cartwheel"]
+    assert {s: v["samples"] for s, v in manifest["splits"].items()} == {"train": 2, "test": 2}
+    assert manifest["unused"] == 2
+    samples = read_samples(out)
+    assert sorted(samples) == ["clip_brush_hair_0", "clip_brush_hair_1", "clip_cartwheel_0", "clip_cartwheel_1"]

@@ -23,7 +23,7 @@ class FlowEstimator:
 
     TV-L1 uses OpenCV's defaults (tau 0.25, lambda 0.15, theta 0.3, 5 scales, 5 warps, 10 outer
     and 30 inner iterations) except the stopping threshold ``epsilon``: OpenCV's 0.01 almost
-    never stops early; 0.05 is 4-7x faster and still within a few hundredths of a pixel on
+    never stops early; 0.05 is 6-7x faster and still within a few hundredths of a pixel on
     textured translations (benchmarks/shards.py).
     """
 

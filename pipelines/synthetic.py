@@ -105,9 +105,6 @@ def write_synthetic_dataset(cfg: DatasetConfig) -> Path:
             f"{marker}: the synthetic dataset there was made with other settings "
             f"({existing}); delete the folder or set dataset.root to another folder"
         )
-    if syn.height % 2 or syn.width % 2:
-        raise ValueError(f"dataset.synthetic: height and width must be even, got {syn.height}x{syn.width}")
-
     classes = synthetic_classes(syn)
     # At least one test and one train video per class whenever there is a test split at all.
     n_test = round(syn.videos_per_class * syn.test_fraction)

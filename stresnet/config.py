@@ -59,6 +59,13 @@ class SyntheticConfig:
     )
     seed: int = 0
 
+    def check(self) -> None:
+        for key in ("height", "width"):  # H.264/MPEG-4 in yuv420p need even sizes
+            if getattr(self, key) % 2:
+                raise ConfigError(f"{key}: got {getattr(self, key)}, expected an even number")
+        if not self.families or len(set(self.families)) != len(self.families):
+            raise ConfigError(f"families: got {self.families}, expected one or more distinct families")
+
 
 @dataclass
 class DatasetConfig:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import math
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from loader_shards import (
 )
 from pipelines.loaders import build_loader
 from pipelines.loaders.schedule import train_batches
+from pipelines.loaders.shards import _tar_members
 from pipelines.shard_format import rgb_member
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, train_plan
 
@@ -234,3 +237,24 @@ def test_parallel_workers_give_the_same_batches(shards):
         b = epoch_batches(build_loader(serial, "train", 1, 2, backend=backend), 2)
         assert [x["video_id"] for x in a] == [x["video_id"] for x in b]
         assert all(torch.equal(x["rgb"], y["rgb"]) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_header_scan_matches_tarfile(shards, tmp_path, fmt):
+    if fmt == "webdataset":
+        path = shards / "train-p000-00000.tar"
+    else:  # long names need GNU/pax records (ustar: the prefix field)
+        path = tmp_path / "x.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name in ["a.json", "dir/" * 30 + "b.rgb.00000.jpg", "c.rgb.00001.jpg"]:
+                info = tarfile.TarInfo(name)
+                info.size = len(name)
+                tar.addfile(info, io.BytesIO(name.encode()))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    members, damage = _tar_members(path)
+    assert members == expected and damage is None
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(path.read_bytes()[: expected[-1][1] + 10])
+    members, damage = _tar_members(cut)
+    assert members == expected[:-1] and "runs past the end" in damage

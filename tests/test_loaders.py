@@ -258,3 +258,14 @@ def test_tar_header_scan_matches_tarfile(shards, tmp_path, fmt):
     cut.write_bytes(path.read_bytes()[: expected[-1][1] + 10])
     members, damage = _tar_members(cut)
     assert members == expected[:-1] and "runs past the end" in damage
+
+
+def test_an_epoch_left_early_does_not_leak_into_the_next(shards):
+    cfg = config(shards)
+    for backend in BACKENDS:
+        loader = build_loader(cfg, "train", 0, 1, backend=backend)
+        loader.set_epoch(0)
+        next(iter(loader))  # e.g. train.steps_per_epoch < len(loader)
+        loader.set_epoch(1)
+        fresh = build_loader(cfg, "train", 0, 1, backend=backend)
+        assert [b["video_id"] for b in loader] == [b["video_id"] for b in epoch_batches(fresh, 1)]

@@ -149,7 +149,7 @@ class DaliClipLoader:
         self.epoch = 0
         self.skipped = 0
         self._pipe = None
-        self._next_epoch = None  # the epoch the built pipeline produces next
+        self._next_epoch = None  # the epoch the built pipeline produces next, if it is reusable
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -160,14 +160,15 @@ class DaliClipLoader:
     def __iter__(self):
         if self._pipe is None or self._next_epoch != self.epoch:
             # The pipeline's workers count epochs themselves (BatchInfo.epoch_idx) from the
-            # epoch they were built for; any other epoch needs a new pipeline.
+            # epoch they were built for; any other epoch, or an epoch left unfinished (its
+            # prefetched batches are still queued), needs a new pipeline.
             self._pipe = None
             device_id = (self.device.index or 0) if self.device.type == "cuda" else None
             callback = _BatchCallback(self.source, self.schedule, self.epoch)
             self._pipe = _build_pipeline(callback, self.batch_size * self.frames_per_clip(),
                                          self.size, self.workers, device_id)
         pipe, batches = self._pipe, self.schedule(self.epoch)
-        self._next_epoch = self.epoch + 1
+        self._next_epoch = None  # until this epoch is read to the end
         for requests in batches:
             if not requests:
                 yield self._empty_batch()
@@ -178,6 +179,7 @@ class DaliClipLoader:
         except StopIteration:
             pass
         pipe.reset()
+        self._next_epoch = self.epoch + 1
 
     def frames_per_clip(self) -> int:
         if self.source.whole_video:

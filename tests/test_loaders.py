@@ -229,6 +229,25 @@ def test_damaged_samples_are_skipped_with_a_counted_warning(damaged, backend, ca
     assert "skipping sample" in caplog.text and "not a complete JPEG" in caplog.text
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_drops_a_damaged_video_and_counts_it(shards, tmp_path, backend, caplog):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    for t in range(1, TEST_FRAMES[1]):  # test video v013
+        replace_member(copy / "test-p000-00000.tar", f"v013.{rgb_member(t)}", b"not a jpeg")
+    cfg = config(copy, **{"eval.batch_size": 1})  # v013's two views fill two whole batches
+    with caplog.at_level(logging.WARNING):
+        loader = build_loader(cfg, "test", 0, 1, backend=backend)
+        batches = list(loader)
+    assert len(batches) == len(loader) == 2 * len(TEST_FRAMES)
+    seen = [(v, int(w)) for b in batches for v, w in zip(b["video_id"], b["view"])]
+    expected = [(f"v{12 + i:03d}", w) for i in range(len(TEST_FRAMES)) for w in (0, 1)]
+    assert seen == [item for item in expected if item[0] != "v013"]
+    assert [b["rgb"].shape[0] for b in batches] == [1, 1, 0, 0] + [1] * 6
+    assert sum(b["skipped"] for b in batches) == loader.skipped == 2
+    assert "skipping test sample 1" in caplog.text
+
+
 def test_parallel_workers_give_the_same_batches(shards):
     cfg = config(shards, **{"data.loader_workers": 2})
     serial = config(shards)

@@ -104,7 +104,9 @@ class ClipSource:
                         f"{request.index}; last error: {err}"
                     ) from None
                 substitute = (index + 1) % len(self.index)
-                log.warning("skipping sample %d (%s); using sample %d instead", index, err, substitute)
+                log.warning(
+                    "skipping sample %d (%s); using sample %d instead", index, err, substitute
+                )
                 index = substitute
 
 
@@ -114,11 +116,14 @@ def decode_clip(clip: EncodedClip, size: int) -> tuple[np.ndarray | None, np.nda
     Bilinear without antialiasing (the authors' ``imresize(..., 'Antialiasing', false)``), the
     same as the DALI pipeline's ``fn.resize`` settings.
     """
-    rgb = np.stack([_crop(_decode(b, cv2.IMREAD_COLOR)[:, :, ::-1], clip.plan, size) for b in clip.rgb]) if clip.rgb else None
-    flow = None
+    rgb = flow = None
+    if clip.rgb:  # OpenCV decodes to BGR
+        rgb = np.stack([_crop(_decode(b, cv2.IMREAD_COLOR)[:, :, ::-1], clip.plan, size)
+                        for b in clip.rgb])
     if clip.flow:
-        fields = np.stack([_crop(_decode(b, cv2.IMREAD_GRAYSCALE), clip.plan, size) for b in clip.flow])
-        t = len(clip.plan.positions)
+        fields = np.stack([_crop(_decode(b, cv2.IMREAD_GRAYSCALE), clip.plan, size)
+                           for b in clip.flow])
+        t = len(clip.plan.positions)  # (T*2L, S, S) -> (T, S, S, 2L)
         flow = fields.reshape(t, -1, size, size).transpose(0, 2, 3, 1)
     return rgb, flow
 
@@ -140,13 +145,14 @@ def _crop(image: np.ndarray, plan: ClipPlan, size: int) -> np.ndarray:
 def finish_batch(
     source: ClipSource,
     indices: list[int],
-    requests: list[ClipRequest],
+    views: list[int] | None,
     rgb: torch.Tensor | None,
     flow: torch.Tensor | None,
     flip: torch.Tensor,
     skipped: int,
 ) -> dict:
-    """The dict a loader yields (see docs/loaders.md), from uint8 crops of the used samples."""
+    """The dict a loader yields (see docs/loaders.md), from uint8 crops of the samples
+    ``indices``; ``views`` is None for training clips, else the view of each evaluation item."""
     rgb_f, flow_f = normalize_clip(rgb, flow, flip, source.sampling.flow_center)
     refs = [source.index.ref(i) for i in indices]
     batch = {
@@ -156,7 +162,7 @@ def finish_batch(
         "video_id": [r.video_id for r in refs],
         "skipped": skipped,
     }
-    if requests and not requests[0].train:
-        batch["view"] = torch.tensor([r.view for r in requests], dtype=torch.int64)
+    if views is not None:
+        batch["view"] = torch.tensor(views, dtype=torch.int64)
         batch["num_views"] = source.num_views()
     return batch

@@ -83,9 +83,9 @@ class CpuClipLoader:
             self.skipped += raw["skipped"]
             rgb = self._or_empty(raw["rgb"], self.source.use_rgb, 3)
             flow = self._or_empty(raw["flow"], self.source.use_flow, 2 * self.source.flow_length)
+            views = None if self.schedule.num_views == 0 else [r.view for r in raw["requests"]]
             yield finish_batch(
-                self.source, raw["indices"], raw["requests"], rgb, flow, raw["flip"],
-                raw["skipped"],
+                self.source, raw["indices"], views, rgb, flow, raw["flip"], raw["skipped"]
             )
 
     def _or_empty(self, crops: torch.Tensor | None, used: bool, channels: int):

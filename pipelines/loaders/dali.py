@@ -75,10 +75,13 @@ class _BatchCallback:
                 if self.source.use_rgb:
                     rgb.append(np.frombuffer(clip.rgb[k], np.uint8))
                 if self.source.use_flow:
-                    flow.append([np.frombuffer(x, np.uint8) for x in clip.flow[k * two_l : (k + 1) * two_l]])
+                    stack = clip.flow[k * two_l : (k + 1) * two_l]
+                    flow.append([np.frombuffer(x, np.uint8) for x in stack])
                 boxes.append(np.array([b.x, b.y, b.w, b.h], np.int32))
                 flips.append(np.array(int(clip.plan.flip), np.int32))
-                meta.append(np.array([clip.index, clip.skipped, clip.plan.flip, keep, view], np.int64))
+                meta.append(
+                    np.array([clip.index, clip.skipped, clip.plan.flip, keep, view], np.int64)
+                )
         outputs = []
         if self.source.use_rgb:
             outputs.append(rgb)
@@ -188,23 +191,17 @@ class DaliClipLoader:
 
     def _batch(self, outputs, requests: list[ClipRequest]) -> dict:
         *crops, meta = [self._to_torch(o) for o in outputs]
-        meta = meta.cpu()
-        keep = meta[:, 3].bool()
         # Positions of one clip are consecutive; the first position of each clip carries its meta.
         t = self._positions(meta)
         first = meta[::t]
-        rgb = crops.pop(0) if self.source.use_rgb else None
-        flow = crops.pop(0) if self.source.use_flow else None
-        shape = lambda x: None if x is None else x[keep].reshape(-1, t, *x.shape[1:])  # noqa: E731
-        kept_clips = first[:, 3].bool()
-        used = [int(i) for i in first[kept_clips, 0]]
-        kept_requests = requests if requests[0].train else [
-            ClipRequest(int(i), 0, int(v)) for i, v in first[kept_clips][:, [0, 4]]
-        ]
+        kept = first[:, 3].bool()
+        used = [int(i) for i in first[kept, 0]]
         skipped = int(first[:, 1].sum()) + len(requests) - len(used)
         self.skipped += skipped
-        flip = first[kept_clips, 2].bool()
-        return finish_batch(self.source, used, kept_requests, shape(rgb), shape(flow), flip, skipped)
+        views = None if requests[0].train else [int(v) for v in first[kept, 4]]
+        rgb = _clips(crops.pop(0), meta[:, 3].bool(), t) if self.source.use_rgb else None
+        flow = _clips(crops.pop(0), meta[:, 3].bool(), t) if self.source.use_flow else None
+        return finish_batch(self.source, used, views, rgb, flow, first[kept, 2].bool(), skipped)
 
     def _positions(self, meta: torch.Tensor) -> int:
         if self.source.whole_video:
@@ -212,10 +209,13 @@ class DaliClipLoader:
         return self.frames
 
     def _empty_batch(self) -> dict:
-        empty = lambda c: torch.zeros((0, self.frames, self.size, self.size, c), dtype=torch.uint8,  # noqa: E731
-                                      device=self.device)
+        def empty(channels: int) -> torch.Tensor:
+            shape = (0, self.frames, self.size, self.size, channels)
+            return torch.zeros(shape, dtype=torch.uint8, device=self.device)
+
         rgb = empty(3) if self.source.use_rgb else None
         flow = empty(2 * self.source.flow_length) if self.source.use_flow else None
+        # only evaluation has empty batches (a rank with fewer items than batches)
         return finish_batch(self.source, [], [], rgb, flow, torch.zeros(0, dtype=torch.bool), 0)
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
@@ -229,3 +229,10 @@ class DaliClipLoader:
         out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=self.device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out
+
+
+def _clips(positions: torch.Tensor, keep: torch.Tensor, t: int) -> torch.Tensor:
+    """(B*T, S, S, C) DALI samples -> (B, T, S, S, C) clips, without stand-in positions."""
+    if not keep.all():
+        positions = positions[keep.to(positions.device)]
+    return positions.reshape(-1, t, *positions.shape[1:])

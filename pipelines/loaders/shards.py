@@ -2,7 +2,8 @@
 
 Both loaders read clips through ``ShardIndex``: at start-up it walks the tar headers of every
 shard of the split (one 512-byte read per member, seeking over the data) and records where each
-member's bytes are, compactly (a NumPy array per video: UCF101 has ~7 million members). A clip then reads only its selected members, about a fifth
+member's bytes are, compactly (a NumPy array per video: UCF101 has ~7 million members). A clip
+then reads only its selected members, about a fifth
 of a video's JPEGs for a stage-1 clip, instead of streaming whole videos.
 
 Damaged input is recorded, not fatal: a truncated shard keeps the samples before the damage, and
@@ -122,7 +123,9 @@ def clip_member_names(positions, flow_stacks, rgb: bool, flow: bool) -> tuple[li
     """Member names of a clip: one RGB frame per position and, per position, the flow stack
     interleaved x1, y1, x2, y2, ... (the motion stream's channel order)."""
     rgb_names = [rgb_member(p) for p in positions] if rgb else []
-    flow_names = [n for stack in flow_stacks for i in stack for n in flow_members(i)] if flow else []
+    flow_names = []
+    if flow:
+        flow_names = [name for stack in flow_stacks for i in stack for name in flow_members(i)]
     return rgb_names, flow_names
 
 
@@ -140,6 +143,10 @@ def check_jpeg(data: bytes, height: int, width: int, what: str) -> None:
         raise SampleError(f"{what}: JPEG is {size}, expected {(height, width)}")
 
 
+# SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC)
+_START_OF_FRAME = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from the first start-of-frame marker, or None."""
     i = 2
@@ -151,8 +158,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             i += 1
             continue
         length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            return int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+        if marker in _START_OF_FRAME:
+            height = int.from_bytes(data[i + 5 : i + 7], "big")
+            return height, int.from_bytes(data[i + 7 : i + 9], "big")
         i += 2 + length
     return None
 

@@ -42,7 +42,9 @@ from pipelines.loaders.clips import ClipSource
 from pipelines.loaders.cpu import CpuClipLoader
 from pipelines.loaders.schedule import Schedule
 from pipelines.loaders.shards import SampleError, SampleRef, ShardIndex
-from pipelines.shard_format import FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name
+from pipelines.shard_format import (
+    FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name,
+)
 from stresnet.config import RunConfig, load_config
 
 
@@ -79,7 +81,8 @@ def write_dataset(root: Path, videos: int, frames: int, height: int, width: int,
             entries.append({"name": name, "samples": min(per_shard, videos - v)})
             sink = wds.TarWriter(str(shards / name), encoder=False)
         key = f"video{v:05d}"
-        texture = cv2.GaussianBlur(rng.integers(0, 256, (height, width + frames, 3), np.uint8), (7, 7), 2)
+        noise = rng.integers(0, 256, (height, width + frames, 3), np.uint8)
+        texture = cv2.GaussianBlur(noise, (7, 7), 2)
         sample = {"__key__": key, "json": (
             f'{{"video_id": "{key}", "label": {v % 10}, "num_frames": {frames}, '
             f'"height": {height}, "width": {width}}}').encode()}
@@ -97,7 +100,8 @@ def write_dataset(root: Path, videos: int, frames: int, height: int, width: int,
                 (folder / f"{prefix}_{i + 1:05d}.jpg").write_bytes(data)
         sink.write(sample)
     sink.close()
-    manifest = {"format": FORMAT_VERSION, "dataset": "benchmark", "classes": [str(c) for c in range(10)],
+    manifest = {"format": FORMAT_VERSION, "dataset": "benchmark",
+                "classes": [str(c) for c in range(10)],
                 "splits": {"train": {"samples": videos, "shards": entries}}}
     (shards / "manifest.json").write_text(json.dumps(manifest))
     return shards, raw
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         shards, raw = write_dataset(root, args.videos, args.frames, args.height, args.width, 16)
-        print(f"wrote {args.videos} videos x {args.frames} frames in {time.perf_counter() - t0:.1f}s")
+        took = time.perf_counter() - t0
+        print(f"wrote {args.videos} videos x {args.frames} frames in {took:.1f}s")
         cfg: RunConfig = load_config(None, [
             f"data.shards={shards}", f"data.batch_size={args.batch}",
             f"data.loader_workers={args.workers}", f"sampling.input_size={args.size}",
@@ -186,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             schedule = Schedule(len(index), args.batch, 0, 1, cfg.seed)
             dali = "shards, DALI (cpu)" if args.device == "cpu" else "shards, DALI (mixed)"
             return [
-                ("rawframes (CPU)", lambda: CpuClipLoader(raw_source, schedule, workers, args.size, 5)),
+                ("rawframes (CPU)",
+                 lambda: CpuClipLoader(raw_source, schedule, workers, args.size, 5)),
                 ("shards, CPU loader", lambda: build_loader(run, "train", 0, 1, backend="cpu")),
                 (dali, lambda: build_loader(run, "train", 0, 1, backend="dali")),
             ]
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         base_rate, base_ms = med(runs["rawframes (CPU)"]), med(cost["rawframes (CPU)"])
         rows = [
             [name, f"{med(runs[name]):.1f}", f"{med(runs[name]) / base_rate:.2f}x",
-             f"{med(cost[name]):.1f}", f"{base_ms / med(cost[name]):.2f}x", f"{med(firsts[name]):.1f}"]
+             f"{med(cost[name]):.1f}", f"{base_ms / med(cost[name]):.2f}x",
+             f"{med(firsts[name]):.1f}"]
             for name in runs
         ]
         table = markdown_table(
@@ -230,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(table)
         if not args.no_write:
-            write_section("loaders", f"### Loaders (`benchmarks/loaders.py`)\n\n{setup}\n\n{table}\n\n{NOTES}")
+            heading = "### Loaders (`benchmarks/loaders.py`)"
+            write_section("loaders", f"{heading}\n\n{setup}\n\n{table}\n\n{NOTES}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -1,12 +1,12 @@
-"""Which frames, which crop, which flip: the clip sampling of spec section 5, shared by both loaders.
+"""Which frames, which crop, which flip: the clip sampling of spec section 5, for both loaders.
 
 Everything here is a pure function of the config, the video's size and ``(seed, epoch, video_id)``,
 so the DALI loader and the CPU loader (and a rawframes baseline) compute the *same* clip plan for
 the same video and epoch; they only differ in how they read and decode the JPEGs.
 
 Frame and flow indexing follows ``pipelines/shard_format.py``: a video has ``num_frames`` RGB frames
-and ``num_frames - 1`` flow fields; field ``i`` is the motion from frame ``i`` to ``i + 1``. The flow
-stack of a position ``t`` is the ``L`` fields ``t - L//2 .. t + L - L//2 - 1`` (spec section 1:
+and ``num_frames - 1`` flow fields; field ``i`` is the motion from frame ``i`` to ``i + 1``. The
+flow stack of a position ``t`` is the ``L`` fields ``t - L//2 .. t + L - L//2 - 1`` (spec section 1:
 frames t-L/2 .. t+L/2-1), clamped to the fields that exist.
 
 Network input (``normalize_clip``):
@@ -87,7 +87,7 @@ def valid_range(num_frames: int, flow_length: int) -> tuple[int, int]:
 
 
 def flow_indices(position: int, num_frames: int, flow_length: int) -> tuple[int, ...]:
-    """The ``L`` flow fields stacked for ``position``, clamped to the ``num_frames - 1`` that exist."""
+    """The ``L`` flow fields stacked for ``position``, clamped to the ``num_frames - 1`` fields."""
     last_field = max(num_frames - 2, 0)
     return tuple(min(max(position + o, 0), last_field) for o in flow_offsets(flow_length))
 
@@ -165,7 +165,7 @@ def train_plan(
     cfg: SamplingConfig, flow_length: int, seed: int, epoch: int, video_id: str,
     num_frames: int, height: int, width: int,
 ) -> ClipPlan:
-    """The training clip of ``video_id`` in ``epoch``: deterministic from (seed, epoch, video_id)."""
+    """The training clip of ``video_id`` in ``epoch``: a function of (seed, epoch, video_id)."""
     rng = clip_rng(seed, epoch, video_id)
     positions = train_positions(
         num_frames, cfg.frames, cfg.stride_min, cfg.stride_max, flow_length, rng

@@ -9,12 +9,11 @@ import math
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 
 from loader_shards import (
-    FLOW_Y_BASE, FRAME_STEP, HEIGHT, PERIOD, WIDTH, config, replace_member, write_shards,
+    FLOW_Y_BASE, FRAME_STEP, HEIGHT, WIDTH, config, replace_member, write_shards,
 )
 from pipelines.loaders import build_loader
 from pipelines.loaders.schedule import train_batches
@@ -31,7 +30,8 @@ BACKENDS = ["cpu", "dali"]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards"), {"train": TRAIN_FRAMES, "test": TEST_FRAMES})
+    folder = tmp_path_factory.mktemp("shards")
+    return write_shards(folder, {"train": TRAIN_FRAMES, "test": TEST_FRAMES})
 
 
 def epoch_batches(loader, epoch: int) -> list[dict]:
@@ -45,9 +45,9 @@ def frame_numbers(rgb: torch.Tensor) -> torch.Tensor:
     return torch.round(green.mean(dim=(-1, -2)) / FRAME_STEP).long()
 
 
-def ref_of(cfg, video_id: str) -> tuple[int, int, int]:
-    number = int(video_id[1:])
-    return TRAIN_FRAMES[number], HEIGHT, WIDTH
+def size_of(video_id: str) -> tuple[int, int, int]:
+    """(frames, height, width) of a training video."""
+    return TRAIN_FRAMES[int(video_id[1:])], HEIGHT, WIDTH
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -63,13 +63,14 @@ def test_shapes_dtypes_and_sampled_frames(shards, backend):
         assert batch["label"].dtype == torch.int64 and batch["label"].shape == (2,)
         assert len(batch["video_id"]) == 2 and "view" not in batch
         for k, vid in enumerate(batch["video_id"]):
-            num_frames, h, w = ref_of(cfg, vid)
+            num_frames, h, w = size_of(vid)
             assert int(batch["label"][k]) == int(vid[1:]) % 3
             plan = train_plan(cfg.sampling, 2, cfg.seed, 1, vid, num_frames, h, w)
             # the decoded frames are the planned ones, and the flow stacks the planned fields
             assert frame_numbers(batch["rgb"][k]).tolist() == list(plan.positions)
             flow_y = batch["flow"][k, :, 1::2].mean(dim=(-1, -2)) * FLOW_SCALE + 128
-            assert torch.allclose(flow_y, torch.tensor(plan.flow_indices, dtype=torch.float32) + FLOW_Y_BASE, atol=1.0)
+            fields = torch.tensor(plan.flow_indices, dtype=torch.float32)
+            assert torch.allclose(flow_y, fields + FLOW_Y_BASE, atol=1.0)
 
 
 def test_short_videos_yield_valid_clips(shards):
@@ -124,7 +125,7 @@ def test_flipped_clips_read_as_leftward_motion(shards, backend):
     for epoch in range(2):
         for batch in epoch_batches(loader, epoch):
             for k, vid in enumerate(batch["video_id"]):
-                num_frames, h, w = ref_of(cfg, vid)
+                num_frames, h, w = size_of(vid)
                 if num_frames < 12:
                     continue
                 flip = train_plan(cfg.sampling, 2, cfg.seed, epoch, vid, num_frames, h, w).flip
@@ -142,7 +143,7 @@ def test_ddp_ranks_split_each_epoch_and_run_equal_batches(shards, world_size, ba
     cfg = config(shards, **{"data.batch_size": batch_size})
     n = len(TRAIN_FRAMES)
     for epoch in (0, 1):
-        loaders = [build_loader(cfg, "train", r, world_size, backend="cpu") for r in range(world_size)]
+        loaders = [build_loader(cfg, "train", r, world_size, "cpu") for r in range(world_size)]
         per_rank = [[v for b in epoch_batches(ld, epoch) for v in b["video_id"]] for ld in loaders]
         lengths = {len(ld) for ld in loaders}
         assert len(lengths) == 1
@@ -258,7 +259,9 @@ def test_parallel_workers_give_the_same_batches(shards):
         assert all(torch.equal(x["rgb"], y["rgb"]) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("fmt", ["webdataset", tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+@pytest.mark.parametrize(
+    "fmt", ["webdataset", tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT]
+)
 def test_tar_header_scan_matches_tarfile(shards, tmp_path, fmt):
     if fmt == "webdataset":
         path = shards / "train-p000-00000.tar"

@@ -24,7 +24,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ClipRequest:
-    """One clip to build: sample ``index`` of the split, for ``epoch`` (train) or ``view`` (test)."""
+    """One clip to build: sample ``index`` of the split for ``epoch`` (train) or ``view`` (test)."""
 
     index: int
     epoch: int = 0

@@ -193,9 +193,10 @@ def test_single_stream_modes_leave_the_other_modality_none(shards, mode, unused)
         assert batch[used].shape[:2] == (2, 3)
 
 
-def test_whole_video_evaluation(shards):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_whole_video_evaluation(shards, backend):
     cfg = config(shards)
-    loader = build_loader(cfg, "test", 0, 1, backend="cpu", whole_video=True)
+    loader = build_loader(cfg, "test", 0, 1, backend=backend, whole_video=True)
     batches = list(loader)
     assert len(batches) == len(TEST_FRAMES) * 2
     # L=2: positions 1..10 of 12 frames have their whole flow stack

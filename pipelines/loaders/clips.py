@@ -53,7 +53,8 @@ class ClipSource:
         self.index = index
 
     def num_views(self) -> int:
-        return len(eval_views(1 << 16, 1 << 16, self.sampling))
+        size = self.sampling.input_size  # the number of views does not depend on the frame size
+        return len(eval_views(size, size, self.sampling))
 
     def plan(self, request: ClipRequest, index: int) -> ClipPlan:
         ref = self.index.ref(index)

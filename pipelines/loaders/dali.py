@@ -109,7 +109,7 @@ def _build_pipeline(callback: _BatchCallback, max_positions: int, size: int, wor
     def clip_pipeline():
         *jpegs, boxes, flips, meta = fn.external_source(
             callback, num_outputs=num_jpeg_outputs + 3, batch=True, batch_info=True,
-            parallel=parallel, bytes_per_sample_hint=1 << 20 if parallel else None,
+            parallel=parallel,
         )
         anchor, shape = boxes[0:2], boxes[2:4]
 

@@ -8,8 +8,10 @@ what decodes them:
 
 * ``rawframes (CPU)``: the CPU loader's DataLoader and OpenCV decode, reading one file per JPEG.
 * ``shards, CPU loader``: ``build_loader(backend="cpu")``.
-* ``shards, DALI (cpu)``: ``build_loader(backend="dali")`` without a GPU (libjpeg-turbo in DALI).
-* ``shards, DALI (mixed)``: with ``--device cuda``: nvJPEG decode on the GPU.
+* ``shards, DALI (cpu)``: ``build_loader(backend="dali")``, ``data.dali_device=cpu``
+  (libjpeg-turbo and CPU operators in DALI).
+* ``shards, DALI (mixed)``: only with ``--device cuda``: ``data.dali_device=gpu``, nvJPEG decode
+  and resize on the GPU, clips delivered as CUDA tensors.
 
 The timed part starts after one warm-up epoch (worker start-up and pipeline build excluded) and
 covers ``--epochs`` epochs; the rows run in turn ``--repeats`` times (the machine may be shared)
@@ -149,6 +151,8 @@ def measure(loader, epochs: int) -> tuple[float, float, float]:
         loader.set_epoch(epoch)
         for batch in loader:
             clips += len(batch["video_id"])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU rows: count only finished clips
     rate = clips / (time.perf_counter() - start)
     return first, rate, (time.process_time() - cpu) * 1000 / clips
 
@@ -187,15 +191,19 @@ def main(argv: list[str] | None = None) -> int:
 
         def loaders(workers: int) -> list:
             run = replace(cfg, data=replace(cfg.data, loader_workers=workers))
+            on = {d: replace(run, data=replace(run.data, dali_device=d)) for d in ("cpu", "gpu")}
             raw_source = ClipSource(run, RawframesIndex(index, raw))
             schedule = Schedule(len(index), args.batch, 0, 1, cfg.seed)
-            dali = "shards, DALI (cpu)" if args.device == "cpu" else "shards, DALI (mixed)"
-            return [
+            rows = [
                 ("rawframes (CPU)",
                  lambda: CpuClipLoader(raw_source, schedule, workers, args.size, 5)),
                 ("shards, CPU loader", lambda: build_loader(run, "train", 0, 1, backend="cpu")),
-                (dali, lambda: build_loader(run, "train", 0, 1, backend="dali")),
+                ("shards, DALI (cpu)", lambda: build_loader(on["cpu"], "train", 0, 1, "dali")),
             ]
+            if args.device == "cuda":
+                rows.append(("shards, DALI (mixed)",
+                             lambda: build_loader(on["gpu"], "train", 0, 1, "dali")))
+            return rows
 
         # Throughput with workers; CPU cost with everything in this process (workers=0), where
         # process_time() sees all of it (DALI's decoder threads included) even on a busy machine.

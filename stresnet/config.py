@@ -222,6 +222,7 @@ class DataConfig:
 
     shards: str = "data/synthetic/shards"  # folder holding manifest.json and the shards
     backend: Literal["cpu", "dali"] = "cpu"
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: decode on the GPU if there is one
     batch_size: int = num(8, min=1)  # clips per worker per micro-batch
     loader_workers: int = num(2, min=0)
     train_split: str = "train"

@@ -292,3 +292,16 @@ def test_an_epoch_left_early_does_not_leak_into_the_next(shards):
         loader.set_epoch(1)
         fresh = build_loader(cfg, "train", 0, 1, backend=backend)
         assert [b["video_id"] for b in loader] == [b["video_id"] for b in epoch_batches(fresh, 1)]
+
+
+def test_bad_arguments_give_clear_errors(shards, tmp_path):
+    cfg = config(shards)
+    with pytest.raises(ValueError, match="backend: got 'torch'"):
+        build_loader(cfg, "train", 0, 1, backend="torch")
+    with pytest.raises(ValueError, match="no split 'val'"):
+        build_loader(cfg, "val", 0, 1)
+    with pytest.raises(FileNotFoundError, match="no shard manifest"):
+        build_loader(config(tmp_path), "train", 0, 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="dali_device is 'gpu'"):
+            build_loader(config(shards, **{"data.dali_device": "gpu"}), "train", 0, 1, "dali")

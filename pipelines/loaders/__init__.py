@@ -56,9 +56,10 @@ def build_loader(
         return CpuClipLoader(source, schedule, workers, size, frames)
     from pipelines.loaders.dali import DaliClipLoader
 
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
+    use_gpu = cfg.data.dali_device == "gpu" or (
+        cfg.data.dali_device == "auto" and torch.cuda.is_available()
     )
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("data.dali_device is 'gpu' but this process sees no CUDA device")
+    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
     return DaliClipLoader(source, schedule, batch_size, frames, workers, size, device)

@@ -15,6 +15,14 @@ import cv2
 import numpy as np
 
 
+# Colour conversion (swscale) settings: bit-exact, one thread. swscale's defaults (SIMD paths,
+# slice threads) can round differently from call to call, and the same file must always decode
+# to the same pixels (deterministic shards, reproducible tests).
+EXACT = dict(interpolation=av.video.reformatter.Interpolation.BILINEAR
+             | av.video.reformatter.Interpolation.ACCURATE_RND
+             | av.video.reformatter.Interpolation.BITEXACT, threads=1)
+
+
 class VideoError(Exception):
     """A video could not be decoded into frames; the message says why (recorded as a failure)."""
 
@@ -40,7 +48,7 @@ def decode_video(path: str | Path, fps: float | None = None, short_side: int = 0
             native_fps = float(stream.average_rate or stream.guessed_rate or 0.0)
             expected = stream.frames  # from the container header; 0 when it does not say
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="bgr24"))
+                frames.append(frame.to_ndarray(format="bgr24", **EXACT))
     except av.error.FFmpegError as err:
         where = f" after {len(frames)} frames" if frames else ""
         raise VideoError(f"decode error{where}: {err}") from None
@@ -116,6 +124,7 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
             stream.bit_rate = 4_000_000  # high enough that compression artefacts stay small
         for image in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="bgr24")
+            frame = frame.reformat(format="yuv420p", **EXACT)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

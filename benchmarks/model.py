@@ -8,6 +8,8 @@ clips, same machine, same run. Rows:
 * ``late fusion (ours, 2D)``: our streams with every switch off: shows the clip plumbing is free.
 * ``+ temporal convs``, ``+ cross-stream``: one mechanism each.
 * ``ST-ResNet-50``: the full model (stage-1 config: both mechanisms, no temporal pooling).
+* ``ST-ResNet-50, zero time padding``: the authors' padding; replicate padding (the default)
+  keeps a padded copy of each temporal conv's input for the backward pass.
 
 Measured per clip: median wall time of a step; FLOPs of a step (``FlopCounterMode``); memory.
 Memory on CPU is the bytes of tensors autograd keeps for the backward pass (deduplicated by
@@ -17,6 +19,9 @@ allocator's peak (``torch.cuda.max_memory_allocated``) minus the memory held bef
 
     .venv/bin/python -m benchmarks.model                       # CPU: 112 px, T=5, batch 1
     python -m benchmarks.model --device cuda --bf16 --size 224 --batch 8   # + clips/s and MFU
+
+Time on CPU is the process's CPU time with one thread (``time.process_time``): the machine this
+was written on is shared, and its wall times swing by 2x between identical steps.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def variants(num_classes: int, flow_length: int) -> dict[str, Callable[[], nn.Mo
         "+ temporal convs": ours("model.mode=late_fusion"),
         "+ cross-stream": ours("model.temporal.stages=[]"),
         "ST-ResNet-50": ours(),
+        "ST-ResNet-50, zero time padding": ours("model.temporal.padding=zero"),
     }
 
 
@@ -123,17 +129,20 @@ def measure(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str,
         if args.device == "cuda":
             torch.cuda.synchronize()
 
+    # CPU: seconds of CPU this process used, not wall time: on a shared machine other processes
+    # stretch wall time at random, CPU time much less. CUDA: wall time after a synchronize.
+    clock = time.perf_counter if args.device == "cuda" else time.process_time
     for iteration in range(args.warmup + args.iters):
         for name, model in models.items():
             if args.device == "cuda":
                 sync()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
-            start = time.perf_counter()
+            start = clock()
             step(model, rgb, flow, label, args.bf16)
             sync()
             if iteration >= args.warmup:
-                results[name]["times"].append(time.perf_counter() - start)
+                results[name]["times"].append(clock() - start)
             if args.device == "cuda":
                 results[name]["peak"] = torch.cuda.max_memory_allocated() - before
             model.zero_grad(set_to_none=True)
@@ -156,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-classes", type=int, default=101)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1: CPU time then counts no spin-waiting)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="accelerator bf16 peak for MFU (default: known H100/H200/A100)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
@@ -176,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['act_per_clip'] / 2**20:.0f} MiB saved/clip", flush=True)
 
     base = results["two ResNet-50s (torchvision)"]
-    header = ["model", "ms/clip", "x time", "GFLOP/clip", "x FLOPs", "saved act. MiB/clip", "x act."]
+    time_label = "ms/clip" if args.device == "cuda" else "CPU ms/clip"
+    header = ["model", time_label, "x time", "GFLOP/clip", "x FLOPs", "saved act. MiB/clip", "x act."]
     if args.device == "cuda":
         header += ["peak MiB/clip", "x peak", "clips/s", "MFU"]
     rows = []
@@ -195,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     overhead = 100 * (st["s_per_clip"] / base["s_per_clip"] - 1)
     setup = (f"{args.device}{' bf16 autocast, channels_last' if args.device == 'cuda' else ' float32'}, "
              f"{args.size}x{args.size} px, T={args.frames}, L={args.flow_length}, batch {args.batch}, "
-             f"median of {args.iters} steps after {args.warmup} warm-up, {args.threads} CPU threads")
+             f"median of {args.iters} steps after {args.warmup} warm-up (models taking turns), "
+             f"{args.threads} CPU thread(s)"
+             + ("" if args.device == "cuda" else "; time = CPU time of the process (time.process_time)"))
     text = (f"### ST-ResNet-50 vs two plain ResNet-50s (`python -m benchmarks.model "
             f"{' '.join(argv)}`)\n\n{setup}.\n\n{table}\n\n"
             f"ST machinery time overhead: **{overhead:+.1f} %** (target <= 15 %). "

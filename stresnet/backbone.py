@@ -6,7 +6,7 @@ The layout and parameter names are torchvision's (``conv1, bn1, layer1..layer4, 
 * ``width`` scales every channel count (stem, bottleneck and output widths), so the same
   architecture runs small on a CPU. ``width=1.0`` is exactly torchvision's network.
 * Clips: the 2D layers see all frames of all clips at once, ``(B*T, C, H, W)``; only the temporal
-  convolutions (spec section 3) look across time, by viewing the batch as ``(B, C, T, H, W)``.
+  convolutions (spec section 3) and the temporal pooling look across time, through views of it.
 * The temporal pooling head (spec section 4): pool over time on the last stage's output, then
   classify every remaining time step and average the logits.
 
@@ -48,43 +48,36 @@ def inflate_1x1(weight: Tensor, kernel: int, init: Literal["average", "center"])
     return inflated
 
 
-class TemporalConv(nn.Conv3d):
+class TemporalConv(nn.Module):
     """A 1x1 convolution turned into a ``kernel x 1 x 1`` convolution over time.
 
-    Takes and returns frames ``(B*T, C, H, W)``. Its weight keeps the 1x1 conv's name with a
+    Takes and returns frames ``(B*T, C, H, W)``. Its ``weight`` keeps the 1x1 conv's name with a
     3D shape ``(out, in, kernel, 1, 1)``. Padding in time repeats the end frames (``replicate``,
     so identical frames stay exactly 2D) or adds zeros (``zero``, the authors' code).
+
+    A ``k x 1 x 1`` conv over ``(T, H, W)`` is a ``k x 1`` 2D conv over ``(T, H*W)``; run that
+    way it uses the well-tuned 2D kernels (2-3x faster than ``conv3d`` on CPU), and the
+    ``(B, C, T, H*W)`` view of channels-last frames is itself channels-last: no copies.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, padding: str) -> None:
-        super().__init__(in_channels, out_channels, (kernel, 1, 1), padding=(kernel // 2, 0, 0),
-                         bias=False)
-        self.time_padding = padding
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, 1, 1))
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        self.kernel, self.padding = kernel, padding
 
-    def forward(self, x: Tensor, num_frames: int) -> Tensor:  # type: ignore[override]
-        # (B*T, C, H, W) -> (B, C, T, H, W): a view; channels_last frames become channels_last_3d.
-        clips = x.unflatten(0, (-1, num_frames)).transpose(1, 2)
-        out = F.conv3d(clips, self.weight, padding=self.padding)  # zero padding in time
-        if self.time_padding == "replicate":
-            self._add_replicated_ends(out, clips)
-        return out.transpose(1, 2).flatten(0, 1)
+    def forward(self, x: Tensor, num_frames: int) -> Tensor:
+        size = x.shape[2:]
+        clips = x.unflatten(0, (-1, num_frames)).flatten(3).transpose(1, 2)  # (B, C, T, H*W)
+        pad = self.kernel // 2
+        if self.padding == "replicate":
+            clips, pad = F.pad(clips, (0, 0, pad, pad), mode="replicate"), 0
+        out = F.conv2d(clips, self.weight.squeeze(-1), padding=(pad, 0))  # zero padding in time
+        return out.transpose(1, 2).unflatten(3, size).flatten(0, 1)
 
-    def _add_replicated_ends(self, out: Tensor, clips: Tensor) -> None:
-        """Turn zero padding into replicate padding, in place.
-
-        Output frame t misses the taps that fell off the clip; replicate padding feeds them the end
-        frame. Adding those terms afterwards, instead of padding a copy of the input, keeps the
-        memory of a plain conv: the end frames are views of the input autograd saves anyway.
-        The loops run over the padding width (1 for kernel 3), not over the clip.
-        """
-        pad, frames = self.padding[0], clips.shape[2]
-        first, last = clips[:, :, :1], clips[:, :, -1:]
-        for t in range(min(pad, frames)):  # the n = pad - t taps left of frame 0 read frame 0
-            n = pad - t
-            out[:, :, t : t + 1] += F.conv3d(first.expand(-1, -1, n, -1, -1), self.weight[:, :, :n])
-        for t in range(max(frames - pad, 0), frames):  # the n taps past the end read the last
-            n = t + pad + 1 - frames
-            out[:, :, t : t + 1] += F.conv3d(last.expand(-1, -1, n, -1, -1), self.weight[:, :, -n:])
+    def extra_repr(self) -> str:
+        out, inp, kernel = self.weight.shape[:3]
+        return f"{inp}, {out}, kernel={kernel}x1x1, padding={self.padding}"
 
 
 def _conv(conv: nn.Module, x: Tensor, num_frames: int) -> Tensor:

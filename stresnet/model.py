@@ -55,6 +55,9 @@ class STResNet(nn.Module):
             if inputs[name] is None:
                 raise ValueError(f"model mode {self.cfg.mode!r} needs the {name} input, got None")
         num_frames = inputs[self.streams[0]].shape[1]
+        if len(self.streams) == 2 and rgb.shape[:2] != flow.shape[:2]:
+            raise ValueError(f"rgb and flow clips differ in (batch, frames): "
+                             f"{tuple(rgb.shape[:2])} vs {tuple(flow.shape[:2])}")
         # (B, T, C, H, W) -> (B*T, C, H, W): every 2D layer processes all frames in one call.
         frames = {name: inputs[name].flatten(0, 1) for name in self.streams}
 
@@ -87,8 +90,8 @@ class STResNet(nn.Module):
         """Channels-last memory for every conv weight (in place; returns the model).
 
         ``model.to(memory_format=torch.channels_last)`` fails on the 5D temporal weights, so 4D
-        weights get ``channels_last`` and 5D ones ``channels_last_3d`` (the same layout in memory
-        for the (B, C, T, H, W) views the temporal convs take).
+        weights get ``channels_last`` and 5D ones ``channels_last_3d``: input channels last, which
+        is what the temporal convs' ``(out, in, k, 1)`` views of them need to be channels-last.
         """
         for param in self.parameters():
             if param.dim() in (4, 5):

@@ -78,14 +78,14 @@ def test_identical_frames_match_torchvision_resnet50(tmp_path, init):
                 "model.init.kind=torchvision", f"model.init.torchvision_weights={weights}", width=1.0)
     model = build_model(cfg).eval()
     assert isinstance(model.appearance.layer1[1].conv1, TemporalConv)
-    frame = torch.randn(1, 3, 64, 64)
-    rgb = frame.unsqueeze(1).expand(1, 4, 3, 64, 64).contiguous()
+    frame = torch.randn(1, 3, 48, 48)
+    rgb = frame.unsqueeze(1).expand(1, 3, 3, 48, 48).contiguous()
     with torch.no_grad():
-        features = model.appearance.features(rgb.flatten(0, 1), num_frames=4)
+        features = model.appearance.features(rgb.flatten(0, 1), num_frames=3)
         expected = tv_features(tv, frame)
-        for t in range(4):
+        for t in range(3):  # both clip ends and the middle
             assert_rel_close(features[t : t + 1], expected)
-        assert_rel_close(model(rgb, torch.randn(1, 4, 4, 64, 64))["appearance"], tv(frame))
+        assert_rel_close(model(rgb, torch.randn(1, 3, 4, 48, 48))["appearance"], tv(frame))
 
 
 @pytest.mark.parametrize("init", ["average", "center"])
@@ -480,6 +480,8 @@ def test_missing_input_is_an_error():
     model = build_model(small())
     with pytest.raises(ValueError, match="needs the motion input"):
         model(torch.randn(1, 1, 3, 32, 32), None)
+    with pytest.raises(ValueError, match=r"differ in \(batch, frames\): \(1, 2\) vs \(1, 3\)"):
+        model(torch.randn(1, 2, 3, 32, 32), torch.randn(1, 3, 4, 32, 32))
 
 
 def test_max_pool_head_classifies_pooled_time_steps():

@@ -137,13 +137,15 @@ def test_flipped_clips_read_as_leftward_motion(shards, backend):
     assert flips[True] > 0 and flips[False] > 0
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("batch_size", [2, 5])
-def test_ddp_ranks_split_each_epoch_and_run_equal_batches(shards, world_size, batch_size):
+@pytest.mark.parametrize(
+    "world_size,batch_size,backend",
+    [(2, 2, "cpu"), (3, 2, "cpu"), (2, 5, "cpu"), (3, 5, "cpu"), (3, 5, "dali")],
+)
+def test_ddp_ranks_split_each_epoch_and_run_equal_batches(shards, world_size, batch_size, backend):
     cfg = config(shards, **{"data.batch_size": batch_size})
     n = len(TRAIN_FRAMES)
     for epoch in (0, 1):
-        loaders = [build_loader(cfg, "train", r, world_size, "cpu") for r in range(world_size)]
+        loaders = [build_loader(cfg, "train", r, world_size, backend) for r in range(world_size)]
         per_rank = [[v for b in epoch_batches(ld, epoch) for v in b["video_id"]] for ld in loaders]
         lengths = {len(ld) for ld in loaders}
         assert len(lengths) == 1

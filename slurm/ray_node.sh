@@ -7,13 +7,14 @@
 #   ray_node.sh worker   run a worker node in the foreground, joined to RAY_HEAD_ADDRESS
 #
 # Foreground (--block) on purpose: stopping this script (SIGTERM) stops exactly this job's Ray
-# processes and removes its temp folder, whereas `ray stop` would stop every Ray on the machine,
-# other jobs' included.
+# processes (and removes its default temp folder), whereas `ray stop` would stop every Ray on
+# the machine, other jobs' included.
 #
 # Settings (environment; ray_train.sh exports them and srun passes them on):
 #   VENV              the virtualenv with ray (default: .venv of this checkout)
 #   RAY_PORT_BASE     first of this job's ports (default: from SLURM_JOB_ID, see below)
-#   RAY_TEMP_DIR      Ray's temp/log folder on this node (default: /tmp/ray-$SLURM_JOB_ID)
+#   RAY_TEMP_DIR      Ray's temp/log folder, node-local (default: /tmp/ray-$SLURM_JOB_ID, removed
+#                     when the node stops; a folder you set is kept, Ray's logs with it)
 #   RAY_NODE_IFACE    network interface whose IPv4 address Ray uses (e.g. ib0, eth1); default:
 #                     the address Ray picks itself (the one of the default route)
 #   RAY_HEAD_ADDRESS  ip:port of the head's GCS (worker role)
@@ -62,7 +63,7 @@ node_gpus() {
 
 role=${1:?usage: ray_node.sh address|gpus|head|worker}
 case $role in
-    address) echo "$(node_ip):$base"; exit ;;
+    address) ip=$(node_ip) && echo "$ip:$base"; exit ;;
     gpus) node_gpus; exit ;;
 esac
 
@@ -104,5 +105,5 @@ wait "$ray_pid" || status=$?
 if kill -0 "$ray_pid" 2>/dev/null; then  # woken by the trap: let Ray shut its processes down
     wait "$ray_pid" || status=$?
 fi
-rm -rf "$temp_dir"
+[[ -n ${RAY_TEMP_DIR:-} ]] || rm -rf "$temp_dir"
 exit "$status"

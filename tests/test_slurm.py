@@ -2,11 +2,13 @@
 
 Submitted exactly as a user would (``sbatch slurm/train_ucf101.sh``, ``sbatch
 slurm/make_shards.sh``) with sbatch options that fit this machine (1 node, no GPU, 2 CPUs) and a
-tiny synthetic config; only what the scripts write is checked.
+tiny synthetic config; only what the scripts write is checked. Those tests are slow; the first
+few check the scripts' own logic in seconds, outside SLURM, with the job variables set by hand.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tarfile
@@ -19,10 +21,49 @@ from tiny_run import REPO, loss_history, make_tiny_shards, mlflow_run_id, planne
 from pipelines import shard_format as fmt
 from stresnet.config import dump_config, load_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
-
+SCRIPTS = REPO / "slurm"
 # What this machine offers instead of the scripts' multi-node GPU defaults.
 SMALL = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15"]
+
+
+def run_script(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """A slurm/ script outside SLURM, with only the given job variables set."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RAY_"))}
+    return subprocess.run(["bash", str(SCRIPTS / script), *args], env={**clean, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_ray_ports_follow_the_job_id_and_the_address_the_interface():
+    done = run_script("ray_node.sh", "address", SLURM_JOB_ID="1234", RAY_NODE_IFACE="lo")
+    assert done.stdout.strip() == "127.0.0.1:22340", done.stderr  # 20000 + 10 * (1234 % 1000)
+    done = run_script("ray_node.sh", "address", SLURM_JOB_ID="1234", RAY_PORT_BASE="40000",
+                      RAY_NODE_IFACE="lo")
+    assert done.stdout.strip() == "127.0.0.1:40000"
+    done = run_script("ray_node.sh", "address", SLURM_JOB_ID="1", RAY_NODE_IFACE="nosuchif0")
+    assert done.returncode != 0 and "nosuchif0" in done.stderr
+
+
+def test_ray_gets_the_gpus_slurm_allocated():
+    assert run_script("ray_node.sh", "gpus", SLURM_JOB_ID="1", SLURM_GPUS_ON_NODE="4").stdout == "4\n"
+    assert run_script("ray_node.sh", "gpus", SLURM_JOB_ID="1", CUDA_VISIBLE_DEVICES="0,3").stdout == "2\n"
+    assert run_script("ray_node.sh", "gpus", SLURM_JOB_ID="1").stdout == "0\n"
+
+
+def test_training_script_rejects_a_bad_config_before_starting_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {depth: 34}\n")
+    done = run_script("ray_train.sh", "train.epochs=2", SLURM_JOB_ID="987654", CONFIG=str(bad),
+                      STRESNET_DIR=str(REPO))
+    assert done.returncode == 2
+    assert f"{bad}: model.depth: got 34 (int), expected one of [50, 101, 152]" in done.stderr
+    assert not Path("/tmp/ray-987654").exists()
+
+
+def test_shard_array_must_be_zero_based():
+    done = run_script("make_shards.sh", SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_TASK_MIN="1",
+                      SLURM_ARRAY_TASK_MAX="3", SLURM_ARRAY_TASK_COUNT="3", STRESNET_DIR=str(REPO))
+    assert done.returncode == 2
+    assert "--array must be 0-2" in done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +83,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def submit_training(slurm: SlurmCluster, tiny: Path, workdir: Path, *overrides: str) -> int:
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    return slurm.sbatch([*SMALL, str(REPO / "slurm" / "train_ucf101.sh"), *overrides], cwd=workdir,
+    return slurm.sbatch([*SMALL, str(SCRIPTS / "train_ucf101.sh"), *overrides], cwd=workdir,
                         env={"CONFIG": str(tiny), "STRESNET_DIR": str(REPO)})
 
 
@@ -57,6 +98,8 @@ def assert_no_ray_left(job_id: int) -> None:
     assert found.stdout == "", f"Ray processes of job {job_id} still running: {found.stdout}"
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_training_job_completes(slurm, tiny, tmp_path):
     job_id = submit_training(slurm, tiny, tmp_path)
     job = slurm.wait(job_id, timeout=400)[0]
@@ -73,6 +116,8 @@ def test_training_job_completes(slurm, tiny, tmp_path):
     assert_no_ray_left(job_id)
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_warning_signal_checkpoints_and_requeues(slurm, tiny, tmp_path):
     job_id = submit_training(slurm, tiny, tmp_path)
     logs = tmp_path / "logs" / f"stresnet-ucf101-{job_id}.out"
@@ -107,6 +152,8 @@ def read_samples(shards: Path) -> dict[str, dict[str, bytes]]:
     return samples
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_shard_array_matches_one_process(slurm, tiny, tmp_path):
     (tmp_path / "logs").mkdir()
     out = tmp_path / "shards"
@@ -114,7 +161,7 @@ def test_shard_array_matches_one_process(slurm, tiny, tmp_path):
     config = tmp_path / "array.yaml"
     dump_config(load_config(tiny, [f"shards.output={out}"]), config)
     array_id = slurm.sbatch(
-        ["--array=0-2", "--cpus-per-task=1", "--time=10", str(REPO / "slurm" / "make_shards.sh")],
+        ["--array=0-2", "--cpus-per-task=1", "--time=10", str(SCRIPTS / "make_shards.sh")],
         cwd=tmp_path, env={"CONFIG": str(config), "STRESNET_DIR": str(REPO)},
     )
     tasks = slurm.wait(array_id, timeout=300)

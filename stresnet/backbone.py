@@ -51,20 +51,25 @@ def inflate_1x1(weight: Tensor, kernel: int, init: Literal["average", "center"])
 class TemporalConv(nn.Module):
     """A 1x1 convolution turned into a ``kernel x 1 x 1`` convolution over time.
 
-    Takes and returns frames ``(B*T, C, H, W)``. Its ``weight`` keeps the 1x1 conv's name with a
-    3D shape ``(out, in, kernel, 1, 1)``. Padding in time repeats the end frames (``replicate``,
-    so identical frames stay exactly 2D) or adds zeros (``zero``, the authors' code).
+    Takes and returns frames ``(B*T, C, H, W)``. In the state dict its ``weight`` keeps the 1x1
+    conv's name with a 3D shape ``(out, in, kernel, 1, 1)``. Padding in time repeats the end
+    frames (``replicate``, so identical frames stay exactly 2D) or adds zeros (``zero``, the
+    authors' code).
 
     A ``k x 1 x 1`` conv over ``(T, H, W)`` is a ``k x 1`` 2D conv over ``(T, H*W)``; run that
     way it uses the well-tuned 2D kernels (2-3x faster than ``conv3d`` on CPU), and the
-    ``(B, C, T, H*W)`` view of channels-last frames is itself channels-last: no copies.
+    ``(B, C, T, H*W)`` view of channels-last frames is itself channels-last: no copies. The
+    parameter is therefore held as ``(out, in, kernel, 1)``, which also lets
+    ``model.to(memory_format=torch.channels_last)`` work (it rejects 5D parameters).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, padding: str) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, 1, 1))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, 1))
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
         self.kernel, self.padding = kernel, padding
+        self.register_state_dict_post_hook(_weight_to_3d)
+        self.register_load_state_dict_pre_hook(_weight_from_3d)
 
     def forward(self, x: Tensor, num_frames: int) -> Tensor:
         size = x.shape[2:]
@@ -72,12 +77,22 @@ class TemporalConv(nn.Module):
         pad = self.kernel // 2
         if self.padding == "replicate":
             clips, pad = F.pad(clips, (0, 0, pad, pad), mode="replicate"), 0
-        out = F.conv2d(clips, self.weight.squeeze(-1), padding=(pad, 0))  # zero padding in time
+        out = F.conv2d(clips, self.weight, padding=(pad, 0))  # zero padding in time
         return out.transpose(1, 2).unflatten(3, size).flatten(0, 1)
 
     def extra_repr(self) -> str:
         out, inp, kernel = self.weight.shape[:3]
         return f"{inp}, {out}, kernel={kernel}x1x1, padding={self.padding}"
+
+
+def _weight_to_3d(module: nn.Module, state: dict, prefix: str, metadata: dict) -> None:
+    state[prefix + "weight"] = state[prefix + "weight"].unsqueeze(-1)
+
+
+def _weight_from_3d(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    weight = state.get(prefix + "weight")
+    if weight is not None and weight.dim() == 5 and weight.shape[-1] == 1:
+        state[prefix + "weight"] = weight.squeeze(-1)
 
 
 def _conv(conv: nn.Module, x: Tensor, num_frames: int) -> Tensor:
@@ -186,7 +201,9 @@ class ResNet(nn.Module):
                         conv2d.in_channels, conv2d.out_channels, cfg.kernel, cfg.padding
                     )
                     with torch.no_grad():
-                        temporal.weight.copy_(inflate_1x1(conv2d.weight, cfg.kernel, cfg.init))
+                        temporal.weight.copy_(
+                            inflate_1x1(conv2d.weight, cfg.kernel, cfg.init).squeeze(-1)
+                        )
                     setattr(block, attr, temporal)
 
     def stage(self, number: int) -> nn.Sequential:

@@ -86,19 +86,6 @@ class STResNet(nn.Module):
                         m_unit(m, num_frames, to_m, injection.kind))
         return {"appearance": a, "motion": m}
 
-    def to_channels_last(self) -> "STResNet":
-        """Channels-last memory for every conv weight (in place; returns the model).
-
-        ``model.to(memory_format=torch.channels_last)`` fails on the 5D temporal weights, so 4D
-        weights get ``channels_last`` and 5D ones ``channels_last_3d``: input channels last, which
-        is what the temporal convs' ``(out, in, k, 1)`` views of them need to be channels-last.
-        """
-        for param in self.parameters():
-            if param.dim() in (4, 5):
-                fmt = torch.channels_last if param.dim() == 4 else torch.channels_last_3d
-                param.data = param.data.contiguous(memory_format=fmt)
-        return self
-
 
 def build_model(cfg: ModelConfig) -> STResNet:
     """The network described by ``cfg``, with its weights initialised per ``cfg.init``."""

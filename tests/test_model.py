@@ -126,7 +126,8 @@ def test_zero_padding_differs_only_at_clip_ends(tmp_path):
 def test_temporal_conv_sees_neighbouring_frames():
     conv = TemporalConv(2, 3, kernel=3, padding="zero")
     x = torch.randn(2 * 4, 2, 5, 5)
-    w = conv.weight
+    w = conv.state_dict()["weight"]  # (out, in, kernel, 1, 1)
+    assert w.shape == (3, 2, 3, 1, 1)
     y = conv(x, num_frames=4).unflatten(0, (2, 4))
     frames = x.unflatten(0, (2, 4))
     t = 2  # y[t] = W0 x[t-1] + W1 x[t] + W2 x[t+1]
@@ -148,7 +149,7 @@ def test_temporal_conv_matches_explicitly_padded_reference(kernel, frames, paddi
     padded = clips[:, :, index.clamp(0, frames - 1)]
     if padding == "zero":
         padded = padded * ((index >= 0) & (index < frames)).float().view(1, 1, -1, 1, 1)
-    reference = F.conv3d(padded, conv.weight).transpose(1, 2).flatten(0, 1)
+    reference = F.conv3d(padded, conv.weight.unsqueeze(-1)).transpose(1, 2).flatten(0, 1)
     got = conv(x, frames)
     torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(got)
@@ -241,7 +242,8 @@ def test_base_streams_then_checkpoint_chain(tmp_path):
     for name in ("appearance", "motion"):
         src, dst = getattr(base[name], name), getattr(stage1, name)
         assert torch.equal(dst.conv1.weight, src.conv1.weight)
-        assert torch.equal(dst.layer3[1].conv1.weight, inflate_1x1(src.layer3[1].conv1.weight, 3, "average"))
+        assert torch.equal(dst.state_dict()["layer3.1.conv1.weight"],
+                           inflate_1x1(src.layer3[1].conv1.weight, 3, "average"))
         assert torch.equal(dst.fc.bias, src.fc.bias)
 
     # A run folder: the newest checkpoint_* folder is the one loaded.
@@ -507,9 +509,13 @@ def test_channels_last_and_bf16_autocast():
     rgb, flow = clips(frames=3)
     with torch.no_grad():
         reference = model(rgb, flow)
-    model.to_channels_last()
-    assert model.appearance.layer2[1].conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    assert model.appearance.layer2[1].conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # the temporal weights are 4D, so this works
+    temporal = model.appearance.layer2[1].conv1
+    assert isinstance(temporal, TemporalConv)
+    assert temporal.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.state_dict()["appearance.layer2.1.conv1.weight"].dim() == 5
+    frames = torch.randn(2 * 3, temporal.weight.shape[1], 8, 8).contiguous(memory_format=torch.channels_last)
+    assert temporal(frames, 3).is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(model(rgb, flow)["fused"], reference["fused"], rtol=1e-4, atol=1e-5)
     model.train()
@@ -520,6 +526,17 @@ def test_channels_last_and_bf16_autocast():
     assert out["appearance"].dtype == torch.bfloat16
     loss.backward()
     assert model.motion.layer1[1].conv1.weight.grad.isfinite().all()
+
+
+def test_state_dict_round_trip_keeps_3d_temporal_weights():
+    model = build_model(small())
+    state = model.state_dict()
+    shapes = {k: v.shape for k, v in state.items()}
+    assert shapes["motion.layer4.1.conv3.weight"] == model.motion.layer4[1].conv3.weight.shape + (1,)
+    other = build_model(small())
+    other.load_state_dict(state)
+    assert {k: v.shape for k, v in state.items()} == shapes  # the caller's dict is left alone
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,10 +114,7 @@ def measure(models: dict[str, nn.Module], args: argparse.Namespace) -> dict[str,
     for name, model in models.items():
         model.to(device).train()
         if args.device == "cuda":
-            if hasattr(model, "to_channels_last"):
-                model.to_channels_last()  # 4D and 5D weights (see STResNet.to_channels_last)
-            else:
-                model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)
         flops = FlopCounterMode(display=False)
         with flops:
             step(model, rgb, flow, label, args.bf16)
@@ -173,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     torch.manual_seed(0)
     peak_tflops = args.peak_tflops
     if args.device == "cuda" and peak_tflops is None:
@@ -212,10 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"### ST-ResNet-50 vs two plain ResNet-50s (`python -m benchmarks.model "
             f"{' '.join(argv)}`)\n\n{setup}.\n\n{table}\n\n"
             f"ST machinery time overhead: **{overhead:+.1f} %** (target <= 15 %). "
-            "`x` columns are ratios to the torchvision baseline. Saved activations = bytes autograd "
-            "keeps for the backward pass (each storage once), the training-step memory that grows "
-            "with the model; the CPU has no allocator peak counter that separates it from other "
-            "processes.")
+            "`x` columns are ratios to the torchvision baseline. GFLOP = forward + backward "
+            "(`FlopCounterMode`). Saved activations = bytes autograd keeps for the backward pass "
+            "(each storage once, parameters excluded): the step's memory that grows with the "
+            "clips" + ("; the CPU has no allocator peak counter that separates it from other "
+                       "processes. A reduced input because this is a CPU; on a GPU run "
+                       "`--device cuda --bf16 --size 224 --batch 8` for the full-size numbers, "
+                       "clips/s and MFU." if args.device == "cpu" else
+                       f"; peak = allocator peak during a step minus memory held before it. "
+                       f"MFU against {peak_tflops} TFLOP/s bf16 dense."))
     print("\n" + text)
     if not args.no_write:
         write_section("model", text)

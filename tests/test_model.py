@@ -203,6 +203,22 @@ def test_torchvision_resnet50_loads_into_each_stream(tmp_path):
         assert_rel_close(out["motion"], tv_flow(flow[:, 0]))
 
 
+def test_imagenet_uses_torchvisions_weights_enum(monkeypatch):
+    """``torchvision_weights: imagenet`` asks torchvision's enum (a download; faked here)."""
+    fake = torchvision.models.resnet50().state_dict()
+    asked = []
+
+    def get_state_dict(self, *args, **kwargs):
+        asked.append(self)
+        return fake
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", get_state_dict)
+    model = build_model(small("model.mode=appearance", "model.init.kind=torchvision",
+                              "model.init.torchvision_weights=imagenet", width=1.0))
+    assert asked == [torchvision.models.ResNet50_Weights.IMAGENET1K_V1]
+    assert torch.equal(model.appearance.layer4[2].conv3.weight, fake["layer4.2.conv3.weight"])
+
+
 def test_cross_modality_conv1_is_the_channel_mean(tmp_path):
     rgb_net = build_model(small("model.mode=appearance"))
     weights = save_stream_file(rgb_net.appearance, tmp_path / "rgb.pth")

@@ -278,8 +278,11 @@ def train_loop(loop_config: dict) -> None:
     from pipelines.loaders import build_loader
     from stresnet.model import build_model
 
-    # Ray Train logs one INFO line per report; keep the progress lines readable.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train logs one INFO line per report, under a logger named after its source file (so
+    # LoggingConfig does not reach it); silence it to keep the progress lines readable.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     cfg: RunConfig = from_dict(RunConfig, loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()

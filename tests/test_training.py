@@ -1,0 +1,172 @@
+"""Training on Ray Train end to end: tiny synthetic shards, 2 CPU workers, MLflow in a temp sqlite.
+
+One shard set and one uninterrupted run ("straight") are shared by the tests of this module; the
+failure-injection and resume tests compare their final weights with it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.train import PreflightError, load_train_state, main, run_training
+from stresnet.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "synthetic" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Paths for this module's data, runs and MLflow store, with the tiny shards written."""
+    from pipelines.shards import make_shards
+
+    root = tmp_path_factory.mktemp("training")
+    overrides = [
+        f"dataset.root={root}/videos",
+        f"shards.output={root}/shards",
+        f"data.shards={root}/shards",
+        f"train.storage_path={root}/runs",
+        f"tracking.uri=sqlite:///{root}/mlflow.db",
+        f"eval.output={root}/eval",
+    ]
+    make_shards(load_config(TINY, overrides))
+    yield root, overrides
+    import ray
+
+    ray.shutdown()
+
+
+def tiny(workspace, *more: str):
+    return load_config(TINY, [*workspace[1], *more])
+
+
+@pytest.fixture(scope="module")
+def straight(workspace):
+    return run_training(tiny(workspace, "train.run_name=straight"))
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    return torch.load(result.checkpoint / "model.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        # Same seed and data on CPU; only float32 reduction order may differ.
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from cluster.evaluate import load_checkpoint_model
+    from cluster.tracking import ServingModel
+
+    root = workspace[0]
+    assert straight.steps == 24  # 24 epochs x 1 step
+    assert straight.run_dir == root / "runs" / "straight"
+    assert {p.name for p in straight.checkpoint.iterdir()} >= {"model.pt", "train_state.pt"}
+    assert load_train_state(straight.checkpoint)["mlflow_run_id"] == straight.mlflow_run_id
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.get_run(straight.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "stresnet-synthetic"
+    assert run.data.params["model.width"] == "0.125"
+    assert run.data.params["train.batch_size"] == "22"
+    assert "git_commit" in run.data.tags
+    for key in ("loss", "accuracy", "lr", "clips_per_second", "data_wait_fraction",
+                "val_fused_top1", "val_appearance_top5", "val_motion_top1"):
+        assert key in run.data.metrics, key
+
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.2, losses
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    # Metric step s is optimizer step s - 1 (0-based) done: lr_steps [20] starts at step 21.
+    assert lrs[20] == pytest.approx(0.01) and lrs[21] == pytest.approx(0.001)
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "validation"} <= artifacts
+    validation = {a.path for a in client.list_artifacts(run.info.run_id, "validation/epoch_024")}
+    assert validation == {"validation/epoch_024/report.json", "validation/epoch_024/confusion_matrix.png"}
+
+    version = client.get_model_version_by_alias("stresnet-synthetic", "current")
+    assert version.run_id == run.info.run_id
+
+    # The registered model predicts what the checkpoint's network predicts.
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pytorch.load_model("models:/stresnet-synthetic@current")
+    assert isinstance(served, ServingModel)
+    network, _ = load_checkpoint_model(straight.checkpoint)
+    network.eval()
+    clips = torch.randn(3, 2, 3 + 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = network(clips[:, :, :3], clips[:, :, 3:])
+        expected = torch.stack([out["appearance"].softmax(1), out["motion"].softmax(1), out["fused"]], 1)
+        torch.testing.assert_close(served(clips), expected)
+    pyfunc = mlflow.pyfunc.load_model("models:/stresnet-synthetic@current")
+    np.testing.assert_allclose(pyfunc.predict(clips.numpy()), expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_existing_run_name_is_not_reused_without_resume(workspace, straight):
+    with pytest.raises(PreflightError, match=r"run named 'straight' already exists.*train.resume=true"):
+        run_training(tiny(workspace, "train.run_name=straight"))
+
+
+# Two steps per epoch (6 clips x 2 workers per step), 3 epochs: checkpoints after steps 2, 3
+# (train.checkpoint_every, in the middle of epoch 2), 4 and 6 (epoch ends).
+MID_EPOCH = ["data.batch_size=6", "train.batch_size=12", "train.epochs=3", "train.checkpoint_every=3",
+             "train.validate_every=3", "train.lr_steps=[4]"]
+
+
+@pytest.fixture(scope="module")
+def straight_mid_epoch(workspace):
+    return run_training(tiny(workspace, *MID_EPOCH, "train.run_name=straight-mid-epoch"))
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint_and_finishes_the_same(workspace, straight_mid_epoch):
+    # Killed at step 4, before that step's checkpoint: the run restarts from the checkpoint of
+    # step 3 (mid-epoch), skips the epoch's consumed batches and redoes step 4.
+    result = run_training(tiny(workspace, *MID_EPOCH, "train.run_name=killed", "train.fail_at_step=4"))
+    assert (result.run_dir / "failure_injected").is_file()
+    assert straight_mid_epoch.steps == 6
+    assert result.steps == straight_mid_epoch.steps
+    assert_same_weights(final_weights(result), final_weights(straight_mid_epoch))
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_equals_straight_run(workspace, straight_mid_epoch):
+    first = run_training(tiny(workspace, *MID_EPOCH, "train.run_name=resumed", "train.stop_at_step=3"))
+    assert first.steps == 3
+    assert load_train_state(first.checkpoint)["step_in_epoch"] == 1  # stopped mid-epoch
+    second = run_training(tiny(workspace, *MID_EPOCH, "train.run_name=resumed", "train.resume=true"))
+    assert second.steps == straight_mid_epoch.steps
+    assert second.mlflow_run_id == first.mlflow_run_id  # the same MLflow run continues
+    assert_same_weights(final_weights(second), final_weights(straight_mid_epoch))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.shards={root}/missing", r"data.shards: .*missing/manifest.json: no shard manifest; run `stresnet shards"),
+        ("model.mode=resnet3d", r"tiny.yaml: model.mode: got 'resnet3d' \(str\), expected one of \['st_resnet', 'late_fusion'"),
+        ("model.num_classes=9", r"model.num_classes: got 9, but the shards .* have 7 classes; set model.num_classes=7"),
+        ("tracking.uri=http://127.0.0.1:9", r"tracking.uri: cannot reach the MLflow server at http://127.0.0.1:9"),
+    ],
+)
+def test_bad_configs_fail_before_training(workspace, capsys, override, message):
+    root, overrides = workspace
+    runs = root / "bad-runs"
+    argv = ["--config", str(TINY), *overrides, f"train.storage_path={runs}", override.format(root=root)]
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not runs.exists()  # nothing started

@@ -79,9 +79,12 @@ class RayNodes:
         )
 
     @staticmethod
-    def stop(process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            process.terminate()  # ray start --block stops its own Ray processes on SIGTERM
+    def stop(*processes: subprocess.Popen) -> None:
+        """SIGTERM (ray start --block then stops its own Ray processes), SIGKILL after 60 s."""
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -105,8 +108,7 @@ def nodes():
         yield cluster
     finally:
         if cluster is not None:
-            for process in [cluster.worker, cluster.head]:
-                RayNodes.stop(process)
+            RayNodes.stop(cluster.worker, cluster.head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

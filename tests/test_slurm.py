@@ -134,6 +134,8 @@ def test_warning_signal_checkpoints_and_requeues(slurm, tiny, tmp_path):
     assert f"job {job_id} (restart 1)" in log
     assert f"resumed at step {stopped.group(1)}" in log
     assert f"steps:      {steps}" in log  # as many as an uninterrupted run
+    run = tiny.parent / "runs" / f"stresnet-ucf101-{job_id}"
+    assert (run / f"checkpoint_{steps:07d}" / "model.pt").is_file()
     # One MLflow run across both attempts, with every step logged.
     assert sorted(loss_history(tiny, mlflow_run_id(log))) == list(range(1, steps + 1))
     assert_no_ray_left(job_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,17 +21,19 @@ from torch import nn
 
 from stresnet.config import ConfigError, ModelConfig, RunConfig, add_config_arguments, config_from_args, from_dict
 from stresnet.evaluate import collect_scores, save_report, video_report
+from stresnet.weights import WeightsError
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
-    """The network saved in ``model.pt`` (or a checkpoint folder holding it), built from the
-    model config stored beside the weights, so it matches whatever the run trained."""
+    """The network saved in ``model.pt``, a checkpoint folder holding it or a run folder (its
+    newest checkpoint), built from the model config stored beside the weights, so it matches
+    whatever the run trained."""
     from stresnet.model import build_model
+    from stresnet.weights import checkpoint_file
 
-    path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
+    file = checkpoint_file(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{path}: no model.pt here (expected a file or a checkpoint folder)")
+        raise FileNotFoundError(f"{path}: no model.pt here (expected a file, checkpoint or run folder)")
     payload = torch.load(file, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise ValueError(f"{file}: not a stresnet model file (expected keys 'model' and 'config')")
@@ -55,15 +58,16 @@ def evaluate_model(cfg: RunConfig, model: nn.Module) -> tuple[dict, dict[str, Pa
     from pipelines.loaders import build_loader
     from pipelines.shard_format import read_manifest
 
-    if cfg.eval.fully_convolutional:
-        raise ConfigError(
-            "eval.fully_convolutional: whole-video evaluation is not implemented; set it to false"
-        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
+    bf16 = cfg.train.bf16 and device.type == "cuda"
+    classes = read_manifest(cfg.data.shards)["classes"]
     loader = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False)
-    scores = collect_scores(model, loader, device, bf16=cfg.train.bf16 and device.type == "cuda")
-    report = video_report(scores, read_manifest(cfg.data.shards)["classes"])
+    report = video_report(collect_scores(model, loader, device, bf16), classes)
+    if cfg.eval.fully_convolutional:
+        # Stage 2 (spec section 5): every frame of the video in one pass, convolutional in time.
+        whole = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False, whole_video=True)
+        report["fully_convolutional"] = video_report(collect_scores(model, whole, device, bf16), classes)
     return report, save_report(report, cfg.eval.output)
 
 
@@ -71,6 +75,9 @@ def format_summary(report: dict) -> str:
     lines = [f"{'stream':<11} {'top-1':>7} {'top-5':>7}   ({report['videos']} videos)"]
     for stream, values in report["streams"].items():
         lines.append(f"{stream:<11} {values['top1']:>7.3f} {values['top5']:>7.3f}")
+    if "fully_convolutional" in report:
+        lines.append("whole videos, fully convolutional in time:")
+        lines.append(format_summary(report["fully_convolutional"]))
     return "\n".join(lines)
 
 
@@ -78,21 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stresnet evaluate", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="model.pt or a checkpoint folder holding it")
+    source.add_argument("--checkpoint", help="model.pt, a checkpoint folder or a run folder (newest)")
     source.add_argument("--model-uri", help="MLflow model URI, e.g. models:/stresnet-ucf101@current")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
         if args.checkpoint:
-            model, model_cfg = load_checkpoint_model(args.checkpoint)
-            if model_cfg != cfg.model:
-                print("note: evaluating with the checkpoint's own model config", file=sys.stderr)
+            model, _ = load_checkpoint_model(args.checkpoint)
         else:
             from cluster.tracking import absolute_tracking_uri
 
             model = load_registered_model(args.model_uri, absolute_tracking_uri(cfg.tracking.uri))
+        # The network's own config decides what the loader decodes (modalities, flow length).
+        cfg = replace(cfg, model=model.cfg)
         report, files = evaluate_model(cfg, model)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"stresnet evaluate: error: {err}", file=sys.stderr)
         return 2
     print(format_summary(report))

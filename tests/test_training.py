@@ -116,6 +116,33 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     np.testing.assert_allclose(pyfunc.predict(clips.numpy()), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_evaluate_command_on_checkpoint_and_registered_model(workspace, straight, capsys):
+    import json
+
+    from cluster.evaluate import main as evaluate
+
+    root, overrides = workspace
+    reports = []
+    for source in (["--checkpoint", str(straight.run_dir)],  # a run folder: its newest checkpoint
+                   ["--model-uri", "models:/stresnet-synthetic@current"]):
+        output = root / f"eval-{len(reports)}"
+        argv = ["--config", str(TINY), *overrides, f"eval.output={output}", *source]
+        assert evaluate([*argv, "eval.fully_convolutional=true"]) == 0
+        reports.append(json.loads((output / "report.json").read_text()))
+        assert (output / "confusion_matrix.png").is_file()
+    checkpoint_report, registry_report = reports
+    assert checkpoint_report["videos"] == 7
+    assert checkpoint_report["views_per_video"] == {"min": 1, "max": 1}  # test_crops: center
+    assert set(checkpoint_report["streams"]) == {"appearance", "motion", "fused"}
+    assert checkpoint_report["fully_convolutional"]["videos"] == 7
+    # The final checkpoint and the registered model are the same weights.
+    for stream in ("appearance", "motion", "fused"):
+        assert registry_report["streams"][stream]["top1"] == checkpoint_report["streams"][stream]["top1"]
+    # The same number validation logged for the last epoch.
+    assert checkpoint_report["streams"]["fused"]["top1"] == pytest.approx(straight.metrics["val_fused_top1"])
+    assert "fused" in capsys.readouterr().out
+
+
 def test_existing_run_name_is_not_reused_without_resume(workspace, straight):
     with pytest.raises(PreflightError, match=r"run named 'straight' already exists.*train.resume=true"):
         run_training(tiny(workspace, "train.run_name=straight"))

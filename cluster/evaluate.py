@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="model.pt, a checkpoint folder or a run folder (newest)")
     source.add_argument("--model-uri", help="MLflow model URI, e.g. models:/stresnet-ucf101@current")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before or after --checkpoint/--model-uri.
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = config_from_args(args)
         if args.checkpoint:

@@ -20,18 +20,22 @@
 #   RAY_HEAD_ADDRESS  ip:port of the head's GCS (worker role)
 #   RAY_AUTH_TOKEN    this job's Ray token (RAY_AUTH_MODE=token)
 #
-# Ports: each job gets 10 fixed ports RAY_PORT_BASE+0..9 and 100 Ray worker ports, derived from
-# the job id so that two jobs on one node do not collide (jobs whose ids differ by a multiple of
-# 1000 could; set RAY_PORT_BASE explicitly in that case):
-#   RAY_PORT_BASE = 20000 + 10 * (SLURM_JOB_ID % 1000)        -> 20000..29999
-#   worker ports  = 30000 + 100 * (SLURM_JOB_ID % 300) + 0..99 -> 30000..59999
+# Ports: Ray picks free ones itself for most of its processes; the ones it would otherwise take
+# from a fixed default (GCS 6379, dashboard 8265, dashboard agent 52365, worker ports
+# 10002-19999) are derived from the job id, so that two jobs on one node do not collide (jobs
+# whose ids differ by a multiple of 1000 could; set RAY_PORT_BASE in that case):
+#   RAY_PORT_BASE = 20000 + 10 * (SLURM_JOB_ID % 1000)   (20000..29999)
+#   head:   GCS base+0, dashboard base+1, dashboard agent base+2, worker ports W+0..99
+#   worker: dashboard agent base+3, worker ports W+100..199
+#   W = 30000 + 200 * (SLURM_JOB_ID % 150)                (30000..59999)
+# (Head and worker use different ones so that both roles can share one machine, as in tests.)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VENV:-$repo/.venv}
 job=${SLURM_JOB_ID:?ray_node.sh runs inside a SLURM job}
 base=${RAY_PORT_BASE:-$((20000 + 10 * (job % 1000)))}
-workers_from=$((30000 + 100 * (job % 300)))
+workers_from=$((30000 + 200 * (job % 150)))
 temp_dir=${RAY_TEMP_DIR:-/tmp/ray-$job}
 
 node_ip() {
@@ -67,6 +71,8 @@ case $role in
     gpus) node_gpus; exit ;;
 esac
 
+# The job stops its nodes only once the training is over: nothing to drain (Ray would wait 30 s).
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
 ip=$(node_ip)
 args=(
     --block
@@ -74,22 +80,18 @@ args=(
     --num-cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
     --num-gpus="$(node_gpus)"
     --temp-dir="$temp_dir"
-    --node-manager-port=$((base + 2))
-    --object-manager-port=$((base + 3))
-    --dashboard-agent-listen-port=$((base + 4))
-    --dashboard-agent-grpc-port=$((base + 5))
-    --metrics-export-port=$((base + 6))
-    --runtime-env-agent-port=$((base + 7))
-    --min-worker-port="$workers_from"
-    --max-worker-port=$((workers_from + 99))
     --disable-usage-stats
 )
 case $role in
     head)
-        args+=(--head --port=$((base + 0)) --dashboard-host=127.0.0.1 --dashboard-port=$((base + 1)))
+        args+=(--head --port=$((base + 0)) --dashboard-host=127.0.0.1 --dashboard-port=$((base + 1))
+            --dashboard-agent-listen-port=$((base + 2))
+            --min-worker-port="$workers_from" --max-worker-port=$((workers_from + 99)))
         ;;
     worker)
-        args+=(--address="${RAY_HEAD_ADDRESS:?worker nodes need RAY_HEAD_ADDRESS}")
+        args+=(--address="${RAY_HEAD_ADDRESS:?worker nodes need RAY_HEAD_ADDRESS}"
+            --dashboard-agent-listen-port=$((base + 3))
+            --min-worker-port=$((workers_from + 100)) --max-worker-port=$((workers_from + 199)))
         ;;
     *)
         echo "ray_node.sh: unknown role $role (expected address, gpus, head or worker)" >&2

@@ -1,4 +1,4 @@
-"""A real one-node SLURM cluster on this machine, for the tests of ``slurm/``.
+"""A real SLURM cluster on this machine, for the tests of ``slurm/``.
 
 :func:`install_slurm` installs Debian's ``slurm-wlm`` and ``munge`` when they are missing (CI
 starts from a fresh machine); it skips only where that is impossible (not root, no apt-get).
@@ -10,7 +10,9 @@ picked free, so it touches no system-wide SLURM or munge setup and two test sess
 The config is the smallest that runs batch jobs, arrays, dependencies, signals and requeues
 without cgroups (containers rarely allow them): ``proctrack/linuxproc``, ``task/none``, no
 accounting database (job states come from ``scontrol show job``; finished jobs stay visible for
-``MinJobAge`` seconds).
+``MinJobAge`` seconds). With ``nodes`` > 1 it runs one ``slurmd -N nK`` per node, all on this
+machine (each with its own port, spool folder and log), so multi-node jobs and ``srun`` across
+nodes run for real; the nodes just share the machine's CPUs.
 """
 
 from __future__ import annotations
@@ -57,10 +59,12 @@ def free_port() -> int:
 class SlurmCluster:
     """munged + slurmctld + slurmd for this host, configured and run out of ``root``."""
 
-    def __init__(self, root: Path, cpus: int | None = None):
+    def __init__(self, root: Path, nodes: int = 1, cpus_per_node: int | None = None):
         self.root = Path(root)
-        self.cpus = cpus or os.cpu_count() or 1
-        self.node = socket.gethostname().split(".")[0]  # slurmd registers as `hostname -s`
+        self.cpus = cpus_per_node or os.cpu_count() or 1
+        self.host = socket.gethostname().split(".")[0]
+        # One node: the usual name, `hostname -s`; several: n1, n2, ... all on this host.
+        self.nodes = [self.host] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
         self.conf = self.root / "slurm.conf"
         self.logs = self.root / "log"
         self.processes: list[subprocess.Popen] = []
@@ -93,18 +97,18 @@ class SlurmCluster:
         self._wait_for(socket_path.exists, timeout, "munged did not create its socket")
         self.conf.write_text(self._slurm_conf(socket_path))
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait_for(self._node_ready, timeout, "the node did not become idle (see log/)")
+        for node in self.nodes:
+            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-f", str(self.conf), "-N", node])
+        self._wait_for(self._nodes_ready, timeout, "the nodes did not become idle (see log/)")
 
     def _slurm_conf(self, munge_socket: Path) -> str:
         root = self.root
         return "\n".join([
             "ClusterName=stresnet-test",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={self.host}(127.0.0.1)",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
             # cred_expire is also how long a requeued job waits before it may start again
             # (default 120 s); 10 s keeps the requeue test short.
             f"AuthInfo=socket={munge_socket},cred_expire=10",
@@ -123,12 +127,13 @@ class SlurmCluster:
             "KillWait=10",
             "ReturnToService=2",
             f"StateSaveLocation={root / 'state'}",
-            f"SlurmdSpoolDir={root / 'spool'}",
+            f"SlurmdSpoolDir={root / 'spool' / '%n'}",  # %n: the node name
             f"SlurmctldPidFile={root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={root / 'slurmd.pid'}",
+            f"SlurmdPidFile={root / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.logs / 'slurmd.log'}",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1024 State=UNKNOWN",
+            f"SlurmdLogFile={self.logs / 'slurmd-%n.log'}",
+            *(f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} "
+              f"CPUs={self.cpus} RealMemory=1024 State=UNKNOWN" for node in self.nodes),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "",
         ])
@@ -138,12 +143,12 @@ class SlurmCluster:
         self.processes.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
         out.close()
 
-    def _node_ready(self) -> bool:
+    def _nodes_ready(self) -> bool:
         for process in self.processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see {self.logs}")
-        done = self.run(["sinfo", "--noheader", "--format=%t"], check=False)
-        return done.returncode == 0 and done.stdout.strip() == "idle"
+        done = self.run(["sinfo", "--noheader", "--Node", "--format=%t"], check=False)
+        return done.returncode == 0 and done.stdout.split() == ["idle"] * len(self.nodes)
 
     def stop(self) -> None:
         """Cancel every job, then stop the daemons this object started (newest first)."""

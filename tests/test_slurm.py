@@ -1,8 +1,8 @@
 """The slurm/ scripts on a real one-node SLURM (Debian's slurm-wlm, installed by the fixture).
 
 Submitted exactly as a user would (``sbatch slurm/train_ucf101.sh``, ``sbatch
-slurm/make_shards.sh``) with sbatch options that fit this machine (1 node, no GPU, 2 CPUs) and a
-tiny synthetic config; only what the scripts write is checked. Those tests are slow; the first
+slurm/make_shards.sh``) with sbatch options that fit the test cluster (2 nodes of 1 CPU, both on
+this machine, no GPU) and a tiny synthetic config; only what the scripts write is checked. Those tests are slow; the first
 few check the scripts' own logic in seconds, outside SLURM, with the job variables set by hand.
 """
 
@@ -22,8 +22,9 @@ from pipelines import shard_format as fmt
 from stresnet.config import dump_config, load_config
 
 SCRIPTS = REPO / "slurm"
-# What this machine offers instead of the scripts' multi-node GPU defaults.
-SMALL = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=15"]
+# What the test cluster offers instead of the scripts' GPU defaults: a Ray head on one node, a
+# Ray worker on the other (through srun), one Ray Train worker on each.
+SMALL = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 
 
 def run_script(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -69,7 +70,7 @@ def test_shard_array_must_be_zero_based():
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     install_slurm()
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"), nodes=2, cpus_per_node=1).start()
     try:
         yield cluster
     finally:
@@ -105,7 +106,7 @@ def test_training_job_completes(slurm, tiny, tmp_path):
     job = slurm.wait(job_id, timeout=400)[0]
     log = job_log(tmp_path, job_id)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
-    assert "cluster.ray_nodes: 1 Ray nodes alive" in log
+    assert "cluster.ray_nodes: 2 Ray nodes alive" in log
     assert "training finished with status 0" in log
     steps = planned_steps(log)
     assert f"steps:      {steps}" in log

@@ -95,19 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from cluster.train import PreflightError, absolute_paths, run_training
-    from pipelines.shards import make_shards
+    from pipelines.shards import DatasetError, ShardFailures, ShardsError, make_shards
 
     try:
-        cfg = absolute_paths(config_from_args(args))
+        given = config_from_args(args)
     except ConfigError as err:
         print(f"stresnet main-job: error: {err}", file=sys.stderr)
         return 2
+    cfg = absolute_paths(given)  # the Ray workers do not share this process's working directory
     timer = PhaseTimer(["shards", "train", "evaluate"])
     try:
-        timer.run("shards", make_shards, cfg)
+        # The config as given: the shard folder records its parameters, paths as written, so
+        # `stresnet shards` with the same file finds the same shards complete.
+        timer.run("shards", make_shards, given)
         result = timer.run("train", run_training, cfg)
         report = timer.run("evaluate", evaluate_and_log, cfg, result)
-    except (ConfigError, PreflightError) as err:
+    except (ConfigError, PreflightError, DatasetError, ShardsError, ShardFailures) as err:
         print(f"stresnet main-job: error: {err}", file=sys.stderr)
         return 2
     print(summary(cfg, result, report, timer))

@@ -232,6 +232,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
             storage_path=cfg.train.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            # Ray Train's own INFO lines (one per checkpoint) would drown the progress lines.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     # Rank 0 polls this file (the run folder is shared storage; the driver may be on another node).
@@ -289,6 +291,10 @@ def train_loop(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
+    if not on_gpu:
+        # Use the cores Ray reserved for this worker, not every core of the node: workers on one
+        # node would otherwise oversubscribe it.
+        torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     bf16 = cfg.train.bf16 and on_gpu
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank

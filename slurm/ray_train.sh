@@ -27,7 +27,12 @@
 #      that run from its checkpoint;
 #   5. stops its Ray processes (never other jobs' on the same node) and exits with the
 #      driver's status.
+#
+# Everything is inside main(), which bash reads whole before running it: a `git pull` while a
+# job runs cannot change the lines that job has yet to execute.
 set -euo pipefail
+
+main() {
 
 repo=$(cd "${STRESNET_DIR:-${SLURM_SUBMIT_DIR:-.}}" && pwd)
 export VENV=${VENV:-$repo/.venv}
@@ -42,32 +47,7 @@ EXIT_STOPPED=75  # cluster/train.py: checkpointed and stopped on request; resume
 
 log() { echo "ray_train.sh [$(date -u +%H:%M:%S)] $*"; }
 
-# 1. The config must load before anything starts; its run name is what a requeue resumes.
-if ! configured_name=$("$python" - "$CONFIG" "${overrides[@]}" <<'EOF'
-import sys
-from stresnet.config import ConfigError, load_config
-try:
-    print(load_config(sys.argv[1], sys.argv[2:]).train.run_name or "")
-except ConfigError as err:
-    sys.exit(f"ray_train.sh: {err}")
-EOF
-); then
-    exit 2
-fi
-run_name=${configured_name:-$SLURM_JOB_NAME-$SLURM_JOB_ID}
-log "job $SLURM_JOB_ID (restart $restarts): config $CONFIG, run $run_name, $nodes node(s)"
-
-# 2. Ray: one token per job (nodes only accept their own job's processes), this job's ports.
-export RAY_AUTH_MODE=token
-RAY_AUTH_TOKEN=$("$python" -c "import secrets; print(secrets.token_hex(32))")
-export RAY_AUTH_TOKEN RAY_USAGE_STATS_ENABLED=0
-if [[ -n ${RAY_NODE_IFACE:-} ]]; then
-    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$RAY_NODE_IFACE}
-    export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$RAY_NODE_IFACE}
-fi
-RAY_HEAD_ADDRESS=$(bash "$repo/slurm/ray_node.sh" address)
-export RAY_HEAD_ADDRESS
-
+# What this job started; `cleanup` stops it on any exit (normal, error, scancel, requeue).
 head_pid="" workers_pid="" driver_pid="" preempted=0
 
 stop_process() {  # SIGTERM, up to 60 s to finish, then SIGKILL
@@ -99,6 +79,32 @@ on_warning() {
 }
 trap on_warning USR1
 
+# 1. The config must load before anything starts; its run name is what a requeue resumes.
+if ! configured_name=$("$python" - "$CONFIG" "${overrides[@]}" <<'EOF'
+import sys
+from stresnet.config import ConfigError, load_config
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).train.run_name or "")
+except ConfigError as err:
+    sys.exit(f"ray_train.sh: {err}")
+EOF
+); then
+    exit 2
+fi
+run_name=${configured_name:-$SLURM_JOB_NAME-$SLURM_JOB_ID}
+log "job $SLURM_JOB_ID (restart $restarts): config $CONFIG, run $run_name, $nodes node(s)"
+
+# 2. Ray: one token per job (nodes only accept their own job's processes), this job's ports.
+export RAY_AUTH_MODE=token
+RAY_AUTH_TOKEN=$("$python" -c "import secrets; print(secrets.token_hex(32))")
+export RAY_AUTH_TOKEN RAY_USAGE_STATS_ENABLED=0
+if [[ -n ${RAY_NODE_IFACE:-} ]]; then
+    export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$RAY_NODE_IFACE}
+    export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$RAY_NODE_IFACE}
+fi
+RAY_HEAD_ADDRESS=$(bash "$repo/slurm/ray_node.sh" address)
+export RAY_HEAD_ADDRESS
+
 bash "$repo/slurm/ray_node.sh" head &
 head_pid=$!
 if ((nodes > 1)); then
@@ -109,8 +115,10 @@ if ((nodes > 1)); then
     "${step[@]}" bash "$repo/slurm/ray_node.sh" worker &
     workers_pid=$!
 fi
-if ! "$python" -m cluster.ray_nodes --address "$RAY_HEAD_ADDRESS" --nodes "$nodes" \
-    --timeout "${RAY_JOIN_TIMEOUT:-300}" --watch-pid "$head_pid"; then
+local join_timeout=${RAY_JOIN_TIMEOUT:-300}
+# `timeout` as well: one connection attempt to a GCS that never comes up can itself take a minute.
+if ! timeout --kill-after=10 $((join_timeout + 90)) "$python" -m cluster.ray_nodes \
+    --address "$RAY_HEAD_ADDRESS" --nodes "$nodes" --timeout "$join_timeout" --watch-pid "$head_pid"; then
     exit 1
 fi
 
@@ -141,8 +149,11 @@ cleanup
 if ((status == EXIT_STOPPED)) || { ((preempted)) && ((status != 0)); }; then
     log "training stopped at a checkpoint (status $status): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
-    sleep 60  # SLURM ends this script now; exiting first would mark the job finished
+    sleep 60  # the requeue makes SLURM end this script (SIGTERM) within seconds: wait for it
     exit "$status"
 fi
 log "training finished with status $status"
 exit "$status"
+}
+
+main "$@"

@@ -73,11 +73,15 @@ class RayNodes:
 
     def wait_for(self, nodes: int) -> None:
         """Block until ``nodes`` nodes are alive (the command slurm/ray_train.sh uses)."""
-        subprocess.run(
-            [sys.executable, "-m", "cluster.ray_nodes", "--address", self.address, "--nodes", str(nodes),
-             "--timeout", "120", "--watch-pid", str(self.head.pid)],
-            env=self.env, check=True, timeout=180,
-        )
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "cluster.ray_nodes", "--address", self.address, "--nodes",
+                 str(nodes), "--timeout", "120", "--watch-pid", str(self.head.pid)],
+                env=self.env, check=True, timeout=240,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
+            logs = {p.name: p.read_text()[-2000:] for p in sorted(self.temp_dir.glob("node-*.log"))}
+            pytest.fail(f"the Ray nodes did not come up ({err}); their output: {logs}")
 
     @staticmethod
     def stop(*processes: subprocess.Popen) -> None:

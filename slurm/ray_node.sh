@@ -31,6 +31,7 @@
 # (Head and worker use different ones so that both roles can share one machine, as in tests.)
 set -euo pipefail
 
+main() {  # read whole before it runs: editing this file cannot disturb running nodes
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VENV:-$repo/.venv}
 job=${SLURM_JOB_ID:?ray_node.sh runs inside a SLURM job}
@@ -109,3 +110,6 @@ if kill -0 "$ray_pid" 2>/dev/null; then  # woken by the trap: let Ray shut its p
 fi
 [[ -n ${RAY_TEMP_DIR:-} ]] || rm -rf "$temp_dir"
 exit "$status"
+}
+
+main "$@"

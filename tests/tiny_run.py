@@ -37,8 +37,10 @@ def tiny_config(folder: Path, *overrides: str) -> Path:
 def make_tiny_shards(folder: Path) -> Path:
     """The tiny dataset's videos and shards under ``folder`` (single process); returns the config."""
     config = tiny_config(folder)
-    subprocess.run([sys.executable, "-m", "cluster.cli", "shards", "--config", str(config)],
-                   check=True, timeout=300, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "shards", "--config", str(config)],
+                          timeout=300, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"stresnet shards failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return config
 
 

@@ -42,6 +42,7 @@ import torch
 
 from stresnet.config import (
     ConfigError,
+    InitConfig,
     RunConfig,
     add_config_arguments,
     config_from_args,
@@ -190,6 +191,9 @@ def connect_ray(cfg: RunConfig) -> str:
                 num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                 num_gpus=torch.cuda.device_count() if cfg.cluster.use_gpu else 0,
                 include_dashboard=False,  # needs ray[default]; not a dependency
+                # Without the dashboard, Ray Train's placement-group cleaner warns every few
+                # seconds that the state API is unavailable; show Ray's errors only.
+                logging_config=ray.LoggingConfig(log_level="ERROR"),
                 dashboard_host=cfg.cluster.dashboard_host,
             )
         else:
@@ -297,14 +301,15 @@ def train_loop(loop_config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     bf16 = cfg.train.bf16 and on_gpu
 
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "mlflow_run_id": None}
+    checkpoint = ray.train.get_checkpoint()  # after a failure or on resume: the latest one
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
+    # Resuming replaces all weights: don't load the init weights (they may be gone by now).
+    model = build_model(cfg.model if checkpoint is None else replace(cfg.model, init=InitConfig()))
     if on_gpu and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.train)
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "mlflow_run_id": None}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             weights = torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True)

@@ -197,3 +197,19 @@ def test_bad_configs_fail_before_training(workspace, capsys, override, message):
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not runs.exists()  # nothing started
+
+
+@pytest.mark.slow
+def test_main_job_runs_every_phase_and_prints_the_summary(workspace, capsys):
+    from cluster.main_job import main as main_job
+
+    root, overrides = workspace
+    argv = ["--config", str(TINY), *overrides, f"train.storage_path={root}/main-job-runs",
+            f"eval.output={root}/main-job-eval", "train.epochs=2"]
+    assert main_job(argv) == 0
+    out = capsys.readouterr().out
+    for phase in ("phase 1/3: shards", "phase 2/3: train", "phase 3/3: evaluate"):
+        assert phase in out
+    assert re.search(r"MLflow run: +[0-9a-f]{32} in experiment 'stresnet-synthetic'", out)
+    assert re.search(r"fused +\d\.\d{3} +\d\.\d{3}", out)
+    assert (root / "main-job-eval" / "report.json").is_file()

@@ -6,14 +6,24 @@ training function (``cluster/train.py``). The MLflow run id travels in every che
 
 The final model is logged with ``mlflow.pytorch`` as a :class:`ServingModel` (one packed input
 tensor in, one tensor of per-stream scores out, which is what MLflow's pyfunc serving supports),
-registered under a model name per dataset and pointed to by an alias.
+registered under a model name per dataset and pointed to by an alias. The plain weights file
+(``model.pt``, the checkpoint format) travels inside the logged model as ``extra_files/model.pt``,
+so a later stage can start from ``models:/NAME@ALIAS`` without unpickling code
+(:func:`fetch_registered_weights`).
+
+The driver creates the experiment (:func:`ensure_experiment`) before any worker starts: MLflow
+would otherwise give it an artifact folder relative to the creating process's working directory,
+which for a Ray worker is a temporary Ray session folder on one node.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
+import tempfile
+import warnings
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,10 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from stresnet.config import RunConfig, dump_config, flatten
+from stresnet.config import RunConfig, dump_config, flatten, to_dict
 from stresnet.evaluate import REPORT_STREAMS
 
 REPO = Path(__file__).resolve().parents[1]
+WEIGHTS_ARTIFACT = "extra_files/model.pt"  # inside a logged model: the checkpoint-format weights
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+RAY_SESSION = re.compile(r"/session_(\d{4}-|latest\b)")  # Ray's per-session temp folders
 
 
 class TrackingError(RuntimeError):
@@ -48,6 +61,49 @@ def absolute_tracking_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def absolute_artifact_location(location: str | None) -> str | None:
+    """A local artifact folder made absolute (Ray workers do not share the driver's cwd)."""
+    if location is None or re.match(r"[a-zA-Z][\w+.-]*:/", location):  # s3://, file:/, ...
+        return location
+    return str(Path(location).expanduser().resolve())
+
+
+def artifact_location(cfg: RunConfig) -> str | None:
+    """The artifact location for a new experiment: ``tracking.artifact_location``, or for a
+    sqlite store ``mlartifacts/<experiment>`` next to the database; None: the server's default."""
+    if cfg.tracking.artifact_location is not None:
+        return absolute_artifact_location(cfg.tracking.artifact_location)
+    uri = absolute_tracking_uri(cfg.tracking.uri)
+    if uri.startswith("sqlite:///"):
+        return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / experiment_name(cfg))
+    return None
+
+
+def ensure_experiment(cfg: RunConfig) -> str:
+    """The experiment's id, creating it (with :func:`artifact_location`) when it is new.
+
+    Called by the driver. An existing experiment keeps the location it was created with (MLflow
+    cannot move it); a warning says so when that is a Ray session folder, where artifacts are
+    deleted with the session (experiments created by workers before this fix).
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    name = experiment_name(cfg)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location(cfg))
+    if RAY_SESSION.search(experiment.artifact_location):
+        warnings.warn(
+            f"MLflow experiment {name!r} keeps its artifacts in a Ray session folder "
+            f"({experiment.artifact_location}), which Ray deletes: new reports and models would be "
+            f"lost. Set tracking.experiment to a new name (created in tracking.artifact_location, "
+            f"default mlartifacts/ next to a sqlite database).",
+            stacklevel=2,
+        )
+    return experiment.experiment_id
 
 
 def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
@@ -101,15 +157,18 @@ def run_tags(ray_address: str | None) -> dict[str, str]:
     return {key: value for key, value in tags.items() if value}
 
 
-def start_run(cfg: RunConfig, run_name: str, run_id: str | None, tags: dict[str, str]) -> str:
+def start_run(
+    cfg: RunConfig, run_name: str, run_id: str | None, tags: dict[str, str], experiment_id: str
+) -> str:
     """Open the MLflow run (a new one, or ``run_id`` when resuming); returns its id.
 
-    A new run gets the flattened config as params and the resolved config as ``config.yaml``.
+    ``experiment_id``: from :func:`ensure_experiment` in the driver. A new run gets the flattened
+    config as params and the resolved config as ``config.yaml``.
     """
     import mlflow
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    mlflow.set_experiment(experiment_name(cfg))
+    mlflow.set_experiment(experiment_id=experiment_id)
     system = cfg.tracking.log_system_metrics
     if run_id is not None:
         return mlflow.start_run(run_id=run_id, log_system_metrics=system).info.run_id
@@ -181,22 +240,68 @@ def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1,) + scores.shape[1:])]),
     )
     name = registered_model_name(cfg)
-    info = mlflow.pytorch.log_model(
-        serving,
-        name="model",
-        signature=signature,
-        input_example=example,
-        registered_model_name=name,
-        # The pickled model refers to these packages' classes; ship their code with it.
-        serialization_format="pickle",  # torch.export (pt2) would fix the example's shapes
-        code_paths=[str(REPO / "stresnet"), str(REPO / "cluster")],
-        # Skip MLflow's requirement inference (it imports the model in a subprocess: slow).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml"],
-    )
+    with tempfile.TemporaryDirectory() as folder:
+        # The checkpoint-format weights beside the pickled model: what a later stage starts
+        # from (torch.load(weights_only=True), no code runs on loading).
+        weights = Path(folder) / "model.pt"
+        torch.save({"model": serving.model.state_dict(), "config": to_dict(cfg)}, weights)
+        info = mlflow.pytorch.log_model(
+            serving,
+            name="model",
+            signature=signature,
+            input_example=example,
+            registered_model_name=name,
+            # The pickled model refers to these packages' classes; ship their code with it.
+            serialization_format="pickle",  # torch.export (pt2) would fix the example's shapes
+            code_paths=[str(REPO / "stresnet"), str(REPO / "cluster")],
+            # Skip MLflow's requirement inference (it imports the model in a subprocess: slow).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml"],
+            extra_files=[str(weights)],
+        )
     mlflow.MlflowClient().set_registered_model_alias(
         name, cfg.tracking.alias, info.registered_model_version
     )
     return f"models:/{name}@{cfg.tracking.alias}"
+
+
+def is_model_uri(value: str | None) -> bool:
+    return bool(value) and value.startswith("models:/")
+
+
+def fetch_registered_weights(uri: str, tracking_uri: str, destination: Path) -> str:
+    """Download the weights of registered model ``uri`` (``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION``) to ``destination`` (a ``model.pt``-format file); returns the
+    version it resolved to, ``models:/NAME/VERSION``. Raises :class:`TrackingError` naming the URI.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    match = MODEL_URI.fullmatch(uri)
+    if match is None:
+        raise TrackingError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    client = mlflow.MlflowClient(tracking_uri)
+    name = match["name"]
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(name, match["alias"]).version
+        else:
+            version = client.get_model_version(name, match["version"]).version
+        source = client.get_model_version_download_uri(name, version)
+    except MlflowException as err:
+        raise TrackingError(f"{uri}: not in the model registry at {tracking_uri} ({err.message})") from None
+    destination.parent.mkdir(parents=True, exist_ok=True)  # only now: a bad URI leaves nothing
+    with tempfile.TemporaryDirectory(dir=destination.parent) as folder:
+        try:
+            file = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source.rstrip('/')}/{WEIGHTS_ARTIFACT}", dst_path=folder
+            )
+        except MlflowException:
+            raise TrackingError(
+                f"{uri}: version {version} has no {WEIGHTS_ARTIFACT} (not logged by this version "
+                f"of stresnet?); start from its training run's checkpoint folder instead"
+            ) from None
+        os.replace(file, destination)  # whole or not at all: a resumed run reuses it
+    return f"models:/{name}/{version}"
 
 
 def log_report(report_files: dict[str, Path], artifact_path: str) -> None:

@@ -60,6 +60,8 @@ from stresnet.train_step import (
 )
 
 MODEL_FILE = "model.pt"
+# model.init keys naming a model.pt, a checkpoint or run folder, or a registered model models:/...
+INIT_CHECKPOINTS = ("appearance_checkpoint", "motion_checkpoint", "checkpoint")
 STATE_FILE = "train_state.pt"
 FAILURE_MARKER = "failure_injected"  # in the run folder: the injected failure already happened
 STOP_REQUEST = "stop_requested"  # in the run folder: checkpoint after the current step and stop
@@ -88,10 +90,12 @@ class TrainResult:
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """The config with every path made absolute: Ray workers do not share the driver's cwd."""
-    from cluster.tracking import absolute_tracking_uri
+    from cluster.tracking import absolute_artifact_location, absolute_tracking_uri, is_model_uri
 
     def absolute(path: str | None) -> str | None:
-        return None if path is None else str(Path(path).expanduser().resolve())
+        if path is None or is_model_uri(path):  # registered models: resolved by the driver
+            return path
+        return str(Path(path).expanduser().resolve())
 
     init = cfg.model.init
     return replace(
@@ -109,7 +113,8 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         )),
         data=replace(cfg.data, shards=absolute(cfg.data.shards)),
         train=replace(cfg.train, storage_path=absolute(cfg.train.storage_path)),
-        tracking=replace(cfg.tracking, uri=absolute_tracking_uri(cfg.tracking.uri)),
+        tracking=replace(cfg.tracking, uri=absolute_tracking_uri(cfg.tracking.uri),
+                         artifact_location=absolute_artifact_location(cfg.tracking.artifact_location)),
         eval=replace(cfg.eval, output=absolute(cfg.eval.output)),
     )
 
@@ -144,10 +149,13 @@ def preflight(cfg: RunConfig) -> None:
             f"have {classes} classes; set model.num_classes={classes}"
         )
 
+    from cluster.tracking import TrackingError, is_model_uri
+
     init = cfg.model.init
-    for key in ("torchvision_weights", "appearance_checkpoint", "motion_checkpoint", "checkpoint"):
+    for key in ("torchvision_weights", *INIT_CHECKPOINTS):
         path = getattr(init, key)
-        if path and path != "imagenet" and not Path(path).exists():
+        registered = key in INIT_CHECKPOINTS and is_model_uri(path)  # fetched after preflight
+        if path and path != "imagenet" and not registered and not Path(path).exists():
             raise PreflightError(f"model.init.{key}: {path} does not exist")
 
     try:
@@ -155,12 +163,38 @@ def preflight(cfg: RunConfig) -> None:
     except ConfigError as err:
         raise PreflightError(str(err)) from None
 
-    from cluster.tracking import TrackingError
-
     try:
         check_tracking_uri(cfg.tracking.uri)
     except TrackingError as err:
         raise PreflightError(str(err)) from None
+
+
+def fetch_registered_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, dict[str, str]]:
+    """Replace each ``models:/...`` in ``model.init`` by the registered model's weights, fetched
+    into ``{run_dir}/init/<key>.pt`` (shared storage: every worker reads it; ``stresnet/`` never
+    sees MLflow). A resumed run reuses the file it started from, wherever the alias points now.
+
+    Returns the config and tags recording which version each URI resolved to.
+    """
+    from cluster.tracking import TrackingError, fetch_registered_weights, is_model_uri
+
+    init, tags = cfg.model.init, {}
+    used = {"base_streams": ["appearance_checkpoint", "motion_checkpoint"],
+            "checkpoint": ["checkpoint"]}.get(init.kind, [])
+    for key in used:
+        uri = getattr(init, key)
+        if not is_model_uri(uri):
+            continue
+        file = run_dir / "init" / f"{key}.pt"
+        if not file.is_file():
+            try:
+                resolved = fetch_registered_weights(uri, cfg.tracking.uri, file)
+            except TrackingError as err:
+                raise PreflightError(f"model.init.{key}: {err}") from None
+            tags[f"model.init.{key}"] = f"{uri} = {resolved}"
+            progress(f"model.init.{key}: {uri} ({resolved}) -> {file}")
+        init = replace(init, **{key: str(file)})
+    return replace(cfg, model=replace(cfg.model, init=init)), tags
 
 
 def resolve_run_name(cfg: RunConfig) -> str:
@@ -206,12 +240,14 @@ def run_training(cfg: RunConfig) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cluster.tracking import run_tags
+    from cluster.tracking import ensure_experiment, run_tags
 
     cfg = absolute_paths(cfg)
     preflight(cfg)
     run_name = resolve_run_name(cfg)
     run_dir = Path(cfg.train.storage_path) / run_name
+    cfg, init_tags = fetch_registered_init(cfg, run_dir)
+    experiment_id = ensure_experiment(cfg)  # here, not in a worker: see cluster/tracking.py
     address = connect_ray(cfg)
 
     resources = {"CPU": cfg.cluster.cpus_per_worker}
@@ -223,7 +259,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
             "config": to_dict(cfg),
             "run_name": run_name,
             "run_dir": str(run_dir),
-            "tags": run_tags(address if cfg.cluster.address else None),
+            "tags": {**run_tags(address if cfg.cluster.address else None), **init_tags},
+            "experiment_id": experiment_id,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -339,7 +376,8 @@ def train_loop(loop_config: dict) -> None:
 
     if rank == 0:
         state["mlflow_run_id"] = tracking.start_run(
-            cfg, loop_config["run_name"], state["mlflow_run_id"], loop_config["tags"]
+            cfg, loop_config["run_name"], state["mlflow_run_id"], loop_config["tags"],
+            loop_config["experiment_id"],
         )
         if state["global_step"]:
             progress(f"resumed at step {state['global_step']} (epoch {state['epoch'] + 1})")

@@ -276,6 +276,9 @@ class TrackingConfig:
     registered_model: Optional[str] = None  # None: stresnet-<dataset>
     alias: str = "current"  # registry alias moved to each new final model ("latest" is reserved)
     log_system_metrics: bool = True
+    # Where a NEW experiment keeps its runs' artifacts (an existing one keeps its own). None:
+    # sqlite stores use mlartifacts/<experiment> next to the database; servers their default.
+    artifact_location: Optional[str] = None
 
 
 @dataclass

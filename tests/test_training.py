@@ -116,6 +116,59 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     np.testing.assert_allclose(pyfunc.predict(clips.numpy()), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_artifacts_are_stored_next_to_the_database_not_in_ray_temp_folders(workspace, straight):
+    from mlflow import MlflowClient
+
+    root = workspace[0]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    # The driver created the experiment; a worker would have put it in its Ray session folder.
+    experiment = client.get_experiment_by_name("stresnet-synthetic")
+    folder = root / "mlartifacts" / "stresnet-synthetic"
+    assert experiment.artifact_location == str(folder)
+    run = client.get_run(straight.mlflow_run_id)
+    assert run.info.artifact_uri == str(folder / run.info.run_id / "artifacts")
+    assert (folder / run.info.run_id / "artifacts" / "validation" / "epoch_024" / "report.json").is_file()
+    version = client.get_model_version_by_alias("stresnet-synthetic", "current")
+    model_folder = Path(client.get_model_version_download_uri("stresnet-synthetic", version.version))
+    assert model_folder.is_relative_to(folder)
+    assert {"MLmodel", "data", "extra_files"} <= {p.name for p in model_folder.iterdir()}
+    weights = torch.load(model_folder / "extra_files" / "model.pt", weights_only=True)
+    assert_same_weights(weights["model"], final_weights(straight))
+
+
+def test_existing_experiment_in_a_ray_session_folder_is_kept_with_a_warning(tmp_path):
+    from mlflow import MlflowClient
+
+    from cluster.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lost = "/tmp/ray/session_2026-01-01_00-00-00_1/artifacts/x/mlruns/1"
+    created = MlflowClient(uri).create_experiment("stresnet-synthetic", artifact_location=lost)
+    cfg = load_config(TINY, [f"tracking.uri={uri}"])
+    with pytest.warns(UserWarning, match=r"Ray session folder .*Set tracking.experiment to a new name"):
+        assert ensure_experiment(cfg) == created
+    new = ensure_experiment(load_config(TINY, [f"tracking.uri={uri}", "tracking.experiment=fresh"]))
+    assert MlflowClient(uri).get_experiment(new).artifact_location == str(tmp_path / "mlartifacts" / "fresh")
+
+
+def test_a_stage_starts_from_a_registered_model(workspace, straight, tmp_path):
+    from mlflow import MlflowClient
+
+    from cluster.train import absolute_paths, fetch_registered_init, preflight
+    from stresnet.model import build_model
+
+    cfg = absolute_paths(tiny(workspace, "model.init.kind=checkpoint",
+                              "model.init.checkpoint=models:/stresnet-synthetic@current"))
+    preflight(cfg)  # a registry URI is not a missing file
+    resolved, tags = fetch_registered_init(cfg, tmp_path / "run")
+    assert resolved.model.init.checkpoint == str(tmp_path / "run" / "init" / "checkpoint.pt")
+    version = MlflowClient(cfg.tracking.uri).get_model_version_by_alias("stresnet-synthetic", "current")
+    assert tags == {"model.init.checkpoint":
+                    f"models:/stresnet-synthetic@current = models:/stresnet-synthetic/{version.version}"}
+    # What a worker builds from the config it is handed.
+    assert_same_weights(build_model(resolved.model).state_dict(), final_weights(straight))
+
+
 def test_evaluate_command_on_checkpoint_and_registered_model(workspace, straight, capsys):
     import json
 
@@ -188,12 +241,16 @@ def test_stopped_and_resumed_run_equals_straight_run(workspace, straight_mid_epo
         ("model.mode=resnet3d", r"tiny.yaml: model.mode: got 'resnet3d' \(str\), expected one of \['st_resnet', 'late_fusion'"),
         ("model.num_classes=9", r"model.num_classes: got 9, but the shards .* have 7 classes; set model.num_classes=7"),
         ("tracking.uri=http://127.0.0.1:9", r"tracking.uri: cannot reach the MLflow server at http://127.0.0.1:9"),
+        ("model.init.kind=checkpoint model.init.checkpoint=models:/stresnet-synthetic@nope",
+         r"model.init.checkpoint: models:/stresnet-synthetic@nope: not in the model registry at sqlite:///"),
+        ("model.init.kind=checkpoint model.init.checkpoint=models:/no-such-model/1",
+         r"model.init.checkpoint: models:/no-such-model/1: not in the model registry at .*no-such-model"),
     ],
 )
 def test_bad_configs_fail_before_training(workspace, capsys, override, message):
     root, overrides = workspace
     runs = root / "bad-runs"
-    argv = ["--config", str(TINY), *overrides, f"train.storage_path={runs}", override.format(root=root)]
+    argv = ["--config", str(TINY), *overrides, f"train.storage_path={runs}", *override.format(root=root).split()]
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not runs.exists()  # nothing started

@@ -86,15 +86,22 @@ def ensure_experiment(cfg: RunConfig) -> str:
 
     Called by the driver. An existing experiment keeps the location it was created with (MLflow
     cannot move it); a warning says so when that is a Ray session folder, where artifacts are
-    deleted with the session (experiments created by workers before this fix).
+    deleted with the session (where workers created experiments in earlier versions).
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(cfg.tracking.uri)
     name = experiment_name(cfg)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location(cfg))
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(cfg))
+        except MlflowException:
+            # Two jobs starting at once (e.g. both base streams): the other one created it.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if RAY_SESSION.search(experiment.artifact_location):
         warnings.warn(
             f"MLflow experiment {name!r} keeps its artifacts in a Ray session folder "

@@ -16,6 +16,11 @@ a family the label depends on a different cue:
    of the clip, longer than a flow stack (L <= frames / 4 + 1 fields), so no single stack sees
    both phases; the order across the clip (temporal convolutions over positions) decides.
 
+The labels are not mirror-symmetric: a horizontally flipped SquareMovesLeft clip is a
+SquareMovesRight clip (likewise the conjunction and order pairs), so training configs on this
+dataset set ``sampling.flip: false``. The camera's pan and jitter move the whole frame by about as
+much as the object moves; ``sampling.flow_center: median`` takes that out of the flow input.
+
 Generation is deterministic from ``seed``: the same config writes the same decoded frames. Videos
 alternate between H.264 in MP4 and MPEG-4 part 2 in AVI so that both decoder paths are exercised.
 The folder gets UCF101-style split files, so ``pipelines.sources`` reads it like UCF101.

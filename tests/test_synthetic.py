@@ -11,7 +11,7 @@ import pytest
 from pipelines.sources import load_source
 from pipelines.synthetic import FAMILY_CLASSES, render_video, write_synthetic_dataset
 from pipelines.video import decode_video
-from stresnet.config import DatasetConfig, SyntheticConfig
+from stresnet.config import DatasetConfig, SyntheticConfig, load_config
 
 
 def small(root: Path, **overrides) -> DatasetConfig:
@@ -104,3 +104,20 @@ def test_class_cues(family):
                 right_first = cls.name == "RingRightThenLeft"
                 assert (first[0] > 4) == right_first and (second[0] < -4) == right_first
                 assert (first[0] < -4) != right_first and (second[0] > 4) != right_first
+
+
+# Classes told apart by horizontal direction: a mirrored clip of one is a clip of its partner.
+HORIZONTAL_MOTIONS = {"left", "right", "xor", "right_left", "left_right"}
+SYNTHETIC_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "synthetic").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SYNTHETIC_CONFIGS, ids=lambda p: p.name)
+def test_synthetic_training_configs_do_not_mirror(path):
+    # Horizontal flips relabel half the clips of the left/right classes (the main job's motion
+    # stream stayed at chance with sampling.flip on), so configs that train on them must not flip.
+    cfg = load_config(path)
+    families = cfg.dataset.synthetic.families
+    chiral = [c.name for f in families for c in FAMILY_CLASSES[f] if c.motion in HORIZONTAL_MOTIONS]
+    assert cfg.dataset.kind == "synthetic"
+    assert chiral, f"{path}: expected the synthetic left/right classes among {families}"
+    assert not cfg.sampling.flip, f"{path}: sampling.flip would swap the labels of {chiral}"

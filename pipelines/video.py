@@ -119,7 +119,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}
+            # asm=0: x264's SIMD paths read past the end of rows into uninitialised memory
+            # at some frame sizes (e.g. 80 px wide), so the same frames gave different bytes
+            # from call to call. Plain C is slower, but the synthetic videos are tiny.
+            stream.options = {"crf": "18", "preset": "veryfast", "x264-params": "asm=0"}
         else:
             stream.bit_rate = 4_000_000  # high enough that compression artefacts stay small
         for image in frames:

@@ -31,3 +31,18 @@ def test_write_video_rejects_odd_sizes_and_unknown_extensions(tmp_path):
         write_video(tmp_path / "a.mp4", np.zeros((2, 31, 40, 3), np.uint8), 25.0)
     with pytest.raises(ValueError, match="unsupported extension"):
         write_video(tmp_path / "a.mkv", np.zeros((2, 32, 40, 3), np.uint8), 25.0)
+
+
+
+def test_h264_encoding_gives_the_same_bytes_every_time(tmp_path):
+    # A synthetic 64x80 clip: with x264's SIMD paths its bytes varied from call to call.
+    from pipelines.synthetic import render_video, synthetic_classes
+    from stresnet.config import SyntheticConfig
+
+    disc = synthetic_classes(SyntheticConfig())[0]
+    frames = render_video(disc, np.random.default_rng([0, 0, 8]), 40, 64, 80)
+    encoded = set()
+    for i in range(12):
+        write_video(tmp_path / f"v{i}.mp4", frames, 25.0)
+        encoded.add((tmp_path / f"v{i}.mp4").read_bytes())
+    assert len(encoded) == 1

@@ -222,6 +222,9 @@ def connect_ray(cfg: RunConfig) -> str:
         if cfg.cluster.address is None:
             needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
             ray.init(
+                # "local": always start this run's own Ray. With no address, ray.init joins the
+                # latest `ray start` cluster on the host, another user's or job's included.
+                address="local",
                 num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                 num_gpus=torch.cuda.device_count() if cfg.cluster.use_gpu else 0,
                 include_dashboard=False,  # needs ray[default]; not a dependency

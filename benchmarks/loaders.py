@@ -43,7 +43,7 @@ from pipelines.loaders import build_loader
 from pipelines.loaders.clips import ClipSource
 from pipelines.loaders.cpu import CpuClipLoader
 from pipelines.loaders.schedule import Schedule
-from pipelines.loaders.shards import SampleError, SampleRef, ShardIndex
+from pipelines.loaders.shard_reader import SampleError, SampleRef, ShardIndex
 from pipelines.shard_format import (
     FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name,
 )

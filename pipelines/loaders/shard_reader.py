@@ -349,11 +349,9 @@ def scan_tar_members(path: Path) -> tuple[list[tuple[str, int, int]], str | None
 def _octal(field: bytes) -> int | None:
     """A tar header number (octal ASCII), None if it is not one."""
     digits = field.strip(b" \0")
-    if not digits:
-        return 0
-    if not all(48 <= c <= 55 for c in digits):  # 0-7 only (no sign, no base-256 sizes)
+    if digits.translate(None, b"01234567"):  # anything but 0-7 (a sign, base-256 sizes, garbage)
         return None
-    return int(digits, 8)
+    return int(digits or b"0", 8)
 
 
 def _decimal(value: bytes) -> int | None:

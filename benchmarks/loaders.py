@@ -17,7 +17,7 @@ The timed part starts after one warm-up epoch (worker start-up and pipeline buil
 covers ``--epochs`` epochs; the rows run in turn ``--repeats`` times (the machine may be shared)
 and the table shows the median. Time to the first batch is reported separately.
 
-Start-up: building the split's ``ShardIndex`` from the shards' index files (``NAME.tar.idx``, as
+Start-up: the CPU time of building the split's ``ShardIndex`` from the shards' index files (``NAME.tar.idx``, as
 ``stresnet shards`` writes them) and, on a copy without them, by scanning the tar headers (the
 fallback for shards made by other tools), each the median of ``--repeats`` interleaved builds.
 
@@ -160,16 +160,17 @@ def measure(loader, epochs: int) -> tuple[float, float, float]:
 
 
 def measure_startup(shards: Path, copy: Path, repeats: int) -> dict[str, float]:
-    """Median seconds to build the split's ``ShardIndex`` from the index files and, on a copy
-    without them, from the tar headers; interleaved, after one untimed build of each."""
+    """Median CPU seconds of this process (``process_time``: reads from the page cache count, other
+    jobs on the machine do not) to build the split's ``ShardIndex`` from the index files and, on a
+    copy without them, from the tar headers; interleaved, after one untimed build of each."""
     shutil.copytree(shards, copy, ignore=shutil.ignore_patterns("*.idx"))
     times: dict[str, list[float]] = {"index files": [], "header scan": []}
     for repeat in range(repeats + 1):
         for name, folder in (("index files", shards), ("header scan", copy)):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             ShardIndex(folder, "train")
             if repeat:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(time.process_time() - t0)
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
@@ -254,14 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.epochs} epochs timed after one warm-up epoch, median of {args.repeats} "
             f"interleaved runs. CPU ms/clip: the same loaders with 0 workers (all work in one "
             f"process), process CPU time per clip over one epoch: the cost, independent of "
-            f"what else runs on the machine. Start-up (`ShardIndex` of the split, median of "
-            f"{args.repeats}): {startup['index files'] * 1000:.1f} ms from the index files, "
+            f"what else runs on the machine. Start-up (`ShardIndex` of the split, CPU time, median "
+            f"of {args.repeats}): {startup['index files'] * 1000:.1f} ms from the index files, "
             f"{startup['header scan'] * 1000:.1f} ms scanning the tar headers. Load average "
             f"at the end (other jobs share the machine, so clips/s is noisy): "
             f"{os.getloadavg()[0]:.1f}."
         )
         print(table)
-        print(f"start-up: {startup['index files'] * 1000:.1f} ms from the index files, "
+        print(f"start-up (CPU): {startup['index files'] * 1000:.1f} ms from the index files, "
               f"{startup['header scan'] * 1000:.1f} ms scanning the tar headers")
         if not args.no_write:
             heading = "### Loaders (`benchmarks/loaders.py`)"

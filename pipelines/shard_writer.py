@@ -49,8 +49,9 @@ class IndexedTarWriter:
         for name in sorted(k for k in sample if not k.startswith("_")):
             data = sample[name]
             self.tar.write({"__key__": key, name: data})
-            end = self.tar.tarstream.offset
-            self.members.append([f"{key}.{name}", end - -(-len(data) // _BLOCK) * _BLOCK, len(data)])
+            end = self.tar.tarstream.offset  # just past this member's data, padded to a block
+            padded = (len(data) + _BLOCK - 1) // _BLOCK * _BLOCK
+            self.members.append([f"{key}.{name}", end - padded, len(data)])
 
     def close(self) -> dict:
         """Finish the tar; return its index (see ``pipelines.shard_format``)."""

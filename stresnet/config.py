@@ -73,14 +73,13 @@ class DatasetConfig:
 
     kind: Literal["ucf101", "hmdb51", "csv", "synthetic"] = "synthetic"
     root: str = "data/synthetic/videos"  # folder of videos (for synthetic: where they are written)
-    splits_dir: Optional[str] = None  # folder of official split files (ucf101, hmdb51)
+    # ucf101/hmdb51: a folder of split files; None: the official files bundled with stresnet
+    splits_dir: Optional[str] = None
     csv: Optional[str] = None  # csv source: path,label[,split]
     split: int = num(1, min=1, max=3)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def check(self) -> None:
-        if self.kind in ("ucf101", "hmdb51") and not self.splits_dir:
-            raise ConfigError(f"splits_dir: required when dataset.kind is {self.kind!r}")
         if self.kind == "csv" and not self.csv:
             raise ConfigError("csv: required when dataset.kind is 'csv'")
 

@@ -55,7 +55,7 @@ def test_overrides_apply_to_nested_keys_and_parse_yaml_values(tmp_path):
         ("sampling.crop_scale=[1.0]", "sampling.crop_scale: got [1.0] (list), expected a list of 2 values"),
         ("train.stage=true", "train.stage: got True (bool), expected one of [0, 1, 2]"),
         ("sampling.stride_min=20", "sampling.stride_min: got 20, expected <= stride_max (15)"),
-        ("dataset.kind=ucf101", "dataset.splits_dir: required when dataset.kind is 'ucf101'"),
+        ("dataset.kind=csv", "dataset.csv: required when dataset.kind is 'csv'"),
         ("model.init.kind=checkpoint", "model.init.checkpoint: required when init.kind is 'checkpoint'"),
         ("model.temporal.kernel=4", "model.temporal.kernel: got 4, expected an odd number"),
     ],

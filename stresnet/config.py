@@ -25,6 +25,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
+from stresnet.cross_stream import InjectionConfig  # the connection's config lives with its module
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
@@ -113,15 +115,6 @@ class ShardsConfig:
 
 
 @dataclass
-class InjectionConfig:
-    """Cross-stream residual connections (spec section 2)."""
-
-    stages: list[Literal[2, 3, 4, 5]] = _list(2, 3, 4, 5)  # conv2_x .. conv5_x; [] disables
-    kind: Literal["residual", "direct"] = "residual"  # into the residual branch, or identity path
-    direction: Literal["motion_to_appearance", "bidirectional"] = "motion_to_appearance"
-
-
-@dataclass
 class TemporalConfig:
     """Temporal residual convolutions (spec section 3)."""
 
@@ -162,14 +155,21 @@ class InitConfig:
     motion_checkpoint: Optional[str] = None  # base_streams: trained motion base stream
     checkpoint: Optional[str] = None  # checkpoint: e.g. stage 2 from stage 1
 
+    # Which keys name the files each kind loads: the one definition.
+    FILES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "random": (),
+        "torchvision": ("torchvision_weights",),
+        "base_streams": ("appearance_checkpoint", "motion_checkpoint"),
+        "checkpoint": ("checkpoint",),
+    }
+
+    def files(self) -> dict[str, Optional[str]]:
+        """``{key: value}`` of the keys this ``kind`` loads from (see ``FILES``)."""
+        return {key: getattr(self, key) for key in self.FILES[self.kind]}
+
     def check(self) -> None:
-        need = {
-            "torchvision": ["torchvision_weights"],
-            "base_streams": ["appearance_checkpoint", "motion_checkpoint"],
-            "checkpoint": ["checkpoint"],
-        }.get(self.kind, [])
-        for key in need:
-            if not getattr(self, key):
+        for key, value in self.files().items():
+            if not value:
                 raise ConfigError(f"{key}: required when init.kind is {self.kind!r}")
 
 
@@ -188,6 +188,32 @@ class ModelConfig:
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
     temporal_pool: TemporalPoolConfig = field(default_factory=TemporalPoolConfig)
     init: InitConfig = field(default_factory=InitConfig)
+
+    # mode -> the streams it runs; each stream reads one input (appearance: RGB, motion: flow).
+    STREAMS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "st_resnet": ("appearance", "motion"),
+        "late_fusion": ("appearance", "motion"),
+        "appearance": ("appearance",),
+        "motion": ("motion",),
+    }
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The streams this mode runs, in output order (appearance before motion)."""
+        return self.STREAMS[self.mode]
+
+    @property
+    def uses_rgb(self) -> bool:
+        return "appearance" in self.streams
+
+    @property
+    def uses_flow(self) -> bool:
+        return "motion" in self.streams
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of one packed input frame: RGB (3) then the flow stack (2L), those used."""
+        return 3 * self.uses_rgb + 2 * self.flow_length * self.uses_flow
 
 
 @dataclass

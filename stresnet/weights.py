@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
 from stresnet.backbone import inflate_1x1
-from stresnet.config import InitConfig
-
-if TYPE_CHECKING:
-    from stresnet.model import STResNet
+from stresnet.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +32,33 @@ class WeightsError(RuntimeError):
     """A weights file cannot be read or does not fit the model."""
 
 
-def initialize(model: "STResNet", cfg: InitConfig) -> None:
-    """Initialise ``model`` in place per ``cfg`` (``random`` keeps the constructor's init)."""
-    temporal_init = model.cfg.temporal.init
+def initialize(model: nn.Module, model_cfg: ModelConfig) -> None:
+    """Initialise ``model`` (an ``STResNet``: one ResNet attribute per stream of
+    ``model_cfg.streams``) in place per ``model_cfg.init``; ``random`` keeps the constructor's."""
+    cfg, streams = model_cfg.init, model_cfg.streams
+    temporal_init = model_cfg.temporal.init
     if cfg.kind == "random":
         return
     if cfg.kind == "torchvision":
-        source, state = torchvision_state_dict(cfg.torchvision_weights, model.cfg.depth)
-        for name in model.streams:
+        source, state = torchvision_state_dict(cfg.torchvision_weights, model_cfg.depth)
+        for name in streams:
             load_stream(getattr(model, name), state, source, temporal_init,
                         cross_modality=name == "motion", new_classifier=True)
     elif cfg.kind == "base_streams":
         files = {"appearance": cfg.appearance_checkpoint, "motion": cfg.motion_checkpoint}
-        for name in model.streams:
+        for name in streams:
             source, state = read_checkpoint(files[name])
             load_stream(getattr(model, name), stream_part(state, name, source, strict=False),
                         source, temporal_init)
     elif cfg.kind == "checkpoint":
         source, state = read_checkpoint(cfg.checkpoint)
-        others = sorted(k for k in state if k.split(".", 1)[0] not in model.streams)
+        others = sorted(k for k in state if k.split(".", 1)[0] not in streams)
         if others:
             raise WeightsError(f"{source}: unexpected keys (streams this model lacks): {others}")
-        for name in model.streams:
+        for name in streams:
             load_stream(getattr(model, name), stream_part(state, name, source, strict=True),
                         source, temporal_init)
-    log.info("initialised %s from %s", model.cfg.mode, cfg.kind)
+    log.info("initialised %s from %s", model_cfg.mode, cfg.kind)
 
 
 def torchvision_state_dict(weights: str | None, depth: int) -> tuple[str, dict[str, Tensor]]:

@@ -96,6 +96,6 @@ def test_malformed_files_and_overrides(tmp_path):
 
 def test_flatten_gives_dotted_keys_for_every_leaf():
     flat = flatten(load_config(None))
-    assert flat["model.injection.kind"] == "residual"
+    assert flat["model.injection.variant"] == "code"
     assert flat["sampling.crop_scale"] == [0.75, 1.25]
     assert not any(isinstance(v, dict) for v in flat.values())

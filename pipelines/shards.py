@@ -7,7 +7,7 @@ How the work is cut up (all deterministic, so any number of independent tasks ag
    shard, independent of the order of the split files) and dealt round-robin to
    ``shards.num_partitions`` partitions; each partition cuts its list into shards of
    ``shards.samples_per_shard``, named ``{split}-p{partition:03d}-{index:05d}.tar``.
-3. A partition is written by one process (with a pool of ``shards.workers`` decoding processes).
+3. A partition is written by one process (with a pool of ``shards.processes`` decoding processes).
    Each shard is written to ``NAME.partial`` and renamed when complete, then recorded in
    ``progress-p{partition:03d}.json``; a re-run skips recorded shards, so a killed run resumes
    where it stopped and never leaves a half-written ``.tar``.
@@ -303,7 +303,7 @@ def write_partition(
     bar = tqdm(total=len(videos), unit="video", desc=f"p{partition:03d}",
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     failed = len(record_failures(record))
-    with bar, closing(process_videos(videos, processing, cfg.workers)) as results:
+    with bar, closing(process_videos(videos, processing, cfg.processes)) as results:
         for plan in todo:
             crash_at = None if cfg.crash_after_samples is None else cfg.crash_after_samples - written
             keys, failures = write_shard(out, plan, results, bar, crash_at)

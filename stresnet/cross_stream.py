@@ -33,7 +33,7 @@ untouched. See ``docs/model.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +58,8 @@ class InjectionConfig:
     stages: list[Literal[2, 3, 4, 5]] = field(default_factory=lambda: [2, 3, 4, 5])  # [] disables
     variant: Literal["code", "paper", "direct"] = "code"  # the names of VARIANTS
     direction: Literal["motion_to_appearance", "bidirectional"] = "motion_to_appearance"
+
+    RENAMED: ClassVar[dict[str, str]] = {"kind": "variant (kind: residual is variant: paper)"}
 
 
 class CrossStreamConnection(nn.Module):

@@ -14,13 +14,15 @@ Temporal convolutions and temporal pooling live inside each stream (``model.temp
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from stresnet.backbone import ResNet
-from stresnet.config import ModelConfig
+from stresnet.checkpoint import WeightsError, read_model_file
+from stresnet.config import ModelConfig, from_dict
 from stresnet.cross_stream import CrossStreamConnection
 from stresnet.weights import initialize
 
@@ -83,4 +85,18 @@ def build_model(cfg: ModelConfig) -> STResNet:
     """The network described by ``cfg``, with its weights initialised per ``cfg.init``."""
     model = STResNet(cfg)
     initialize(model, cfg)
+    return model
+
+
+def load_model(path: str | Path) -> STResNet:
+    """The network saved in ``model.pt`` (the file, a checkpoint folder or a run folder: see
+    ``stresnet.checkpoint.checkpoint_file``), built from the model config stored beside the
+    weights, so it matches whatever the run trained. ``model.cfg.init`` is ``random``: the
+    weights came from the file."""
+    source, payload = read_model_file(path)
+    config = payload.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise WeightsError(f"{source}: not a stresnet model file (expected keys 'model' and 'config')")
+    model = build_model(from_dict(ModelConfig, {**config["model"], "init": {"kind": "random"}}, "model"))
+    model.load_state_dict(payload["model"])
     return model

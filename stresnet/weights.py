@@ -11,25 +11,22 @@ The chain the paper trains along (spec sections 1-4):
 3. ``checkpoint``: a whole model, e.g. stage 2 from stage 1.
 
 In every case a 1x1 weight meets a temporal conv by inflation (``stresnet.backbone.inflate_1x1``,
-rule ``model.temporal.init``). Files load with ``torch.load(weights_only=True)``; any missing,
+rule ``model.temporal.init``). Files load through ``stresnet.checkpoint`` (``weights_only=True``); any missing,
 unexpected or mis-shaped key stops with the file name and the lists of keys.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from stresnet.backbone import inflate_1x1
+from stresnet.checkpoint import WeightsError, load_file, read_checkpoint
 from stresnet.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-class WeightsError(RuntimeError):
-    """A weights file cannot be read or does not fit the model."""
 
 
 def initialize(model: nn.Module, model_cfg: ModelConfig) -> None:
@@ -69,43 +66,10 @@ def torchvision_state_dict(weights: str | None, depth: int) -> tuple[str, dict[s
         enum = {50: models.ResNet50_Weights, 101: models.ResNet101_Weights,
                 152: models.ResNet152_Weights}[depth].IMAGENET1K_V1  # the classic recipe
         return f"torchvision {enum}", enum.get_state_dict(progress=False)
-    state = _load(weights)
+    state = load_file(weights)
     if not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{weights}: expected a ResNet state dict (name -> tensor)")
     return str(weights), state
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The ``model.pt`` that ``path`` names: the file itself, a checkpoint folder holding it, or a
-    run folder, whose newest ``checkpoint_*`` folder is taken (names sort by step)."""
-    path = Path(path)
-    if not path.is_dir() or (path / "model.pt").is_file():
-        return path / "model.pt" if path.is_dir() else path
-    newest = sorted(path.glob("checkpoint_*/model.pt"))
-    if not newest:
-        raise WeightsError(f"{path}: a folder without model.pt or checkpoint_*/model.pt")
-    return newest[-1]
-
-
-def read_checkpoint(path: str | None) -> tuple[str, dict[str, Tensor]]:
-    """(source name, model state dict) of a checkpoint: see ``checkpoint_file``."""
-    file = checkpoint_file(str(path))
-    checkpoint = _load(file)
-    if not isinstance(checkpoint.get("model"), dict):
-        raise WeightsError(f"{file}: not a model checkpoint (expected a dict with key 'model')")
-    return str(file), checkpoint["model"]
-
-
-def _load(path: str | Path | None) -> dict:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: weights file not found") from None
-    except Exception as err:  # pickle/zip errors: say which file, keep the cause
-        raise WeightsError(f"{path}: cannot load weights ({err})") from err
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a dict, got {type(data).__name__}")
-    return data
 
 
 def stream_part(state: dict[str, Tensor], name: str, source: str, strict: bool) -> dict[str, Tensor]:

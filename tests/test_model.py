@@ -621,8 +621,8 @@ def test_paper_configs_chain(dataset, classes):
     assert cfg["stresnet_stage1"].model.init.kind == "base_streams"
     assert cfg["stresnet_stage2"].model.init.kind == "checkpoint"
     s1, s2 = cfg["stresnet_stage1"], cfg["stresnet_stage2"]
-    assert (s1.sampling.frames, s1.sampling.stride_min, s1.sampling.stride_max) == (5, 5, 15)
-    assert (s2.sampling.frames, s2.sampling.stride_min, s2.sampling.stride_max) == (11, 1, 15)
+    assert (s1.sampling.train_positions, s1.sampling.stride_min, s1.sampling.stride_max) == (5, 5, 15)
+    assert (s2.sampling.train_positions, s2.sampling.stride_min, s2.sampling.stride_max) == (11, 1, 15)
     assert (s2.model.temporal_pool.kind, s2.model.temporal_pool.window, s2.model.temporal_pool.stride) == ("max", 5, 2)
     # Stage 1 reads the base runs' checkpoints; stage 2 reads stage 1's.
     for base in ("appearance_base", "motion_base"):

@@ -80,7 +80,7 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "stresnet-synthetic"
     assert run.data.params["model.width"] == "0.125"
-    assert run.data.params["train.batch_size"] == "22"
+    assert run.data.params["train.global_batch_size"] == "22"
     assert "git_commit" in run.data.tags
     for key in ("loss", "accuracy", "lr", "clips_per_second", "data_wait_fraction",
                 "val_fused_top1", "val_appearance_top5", "val_motion_top1"):
@@ -203,7 +203,7 @@ def test_existing_run_name_is_not_reused_without_resume(workspace, straight):
 
 # Two steps per epoch (6 clips x 2 workers per step), 3 epochs: checkpoints after steps 2, 3
 # (train.checkpoint_every, in the middle of epoch 2), 4 and 6 (epoch ends).
-MID_EPOCH = ["data.batch_size=6", "train.batch_size=12", "train.epochs=3", "train.checkpoint_every=3",
+MID_EPOCH = ["data.batch_size_per_worker=6", "train.global_batch_size=12", "train.epochs=3", "train.checkpoint_every=3",
              "train.validate_every=3", "train.lr_steps=[4]"]
 
 

@@ -6,7 +6,7 @@ lives here: its config (:class:`InjectionConfig`), which stages and which unit, 
 how the two streams combine (:data:`VARIANTS`). ``Bottleneck`` only takes an optional extra tensor
 for its residual branch. In the spirit of pytorchvideo's fusion modules: the streams stay plain
 ResNets, the connection between them is a module of its own. To add a variant, add a function to
-:data:`VARIANTS`; the config accepts its name.
+:data:`VARIANTS` and its name to ``InjectionConfig.variant``, both in this file.
 
 Notation (appearance receiving; swap the roles for the motion stream when bidirectional): unit 1
 of the stage computes ``s_a = F1(x) + identity`` (its sum before the ReLU) and ``x_a = relu(s_a)``;
@@ -42,11 +42,23 @@ from torch import Tensor, nn
 # (unit 2, x = own unit-1 output, s = own unit-1 sum before ReLU, other, num_frames) -> output
 Combine = Callable[[nn.Module, Tensor, Tensor, Tensor, int], Tensor]
 
-VARIANTS: dict[str, Combine] = {
-    "code": lambda unit, x, s, other, t: unit(x, t, branch_input=s + other),
-    "paper": lambda unit, x, s, other, t: unit(x, t, branch_input=x + other),
-    "direct": lambda unit, x, s, other, t: unit(x + other, t),
-}
+
+def code_variant(unit: nn.Module, x: Tensor, s: Tensor, other: Tensor, num_frames: int) -> Tensor:
+    """``x + F(s + other)``: the authors' code."""
+    return unit(x, num_frames, branch_input=s + other)
+
+
+def paper_variant(unit: nn.Module, x: Tensor, s: Tensor, other: Tensor, num_frames: int) -> Tensor:
+    """``x + F(x + other)``: the paper's equation."""
+    return unit(x, num_frames, branch_input=x + other)
+
+
+def direct_variant(unit: nn.Module, x: Tensor, s: Tensor, other: Tensor, num_frames: int) -> Tensor:
+    """``(x + other) + F(x + other)``: into the identity path too (ablation)."""
+    return unit(x + other, num_frames)
+
+
+VARIANTS: dict[str, Combine] = {"code": code_variant, "paper": paper_variant, "direct": direct_variant}
 
 RECEIVING_UNIT = 1  # 0-based: the second unit of a stage receives the first unit's output
 
@@ -72,8 +84,7 @@ class CrossStreamConnection(nn.Module):
     def __init__(self, cfg: InjectionConfig) -> None:
         super().__init__()
         self.stages = frozenset(cfg.stages)
-        self.variant = cfg.variant
-        self.combine = VARIANTS[cfg.variant]
+        self.variant = cfg.variant  # a name, not the function: the module stays picklable
         self.bidirectional = cfg.direction == "bidirectional"
 
     def forward(
@@ -90,9 +101,10 @@ class CrossStreamConnection(nn.Module):
                 s_a, s_m = a_unit.residual_sum(a, num_frames), m_unit.residual_sum(m, num_frames)
                 a, m = torch.relu(s_a), torch.relu(s_m)
             elif index == RECEIVING_UNIT:
+                combine = VARIANTS[self.variant]
                 a, m = (
-                    self.combine(a_unit, a, s_a, m, num_frames),
-                    self.combine(m_unit, m, s_m, a, num_frames) if self.bidirectional
+                    combine(a_unit, a, s_a, m, num_frames),
+                    combine(m_unit, m, s_m, a, num_frames) if self.bidirectional
                     else m_unit(m, num_frames),
                 )
             else:

@@ -174,7 +174,7 @@ def validate(cfg: RunConfig, model: nn.Module, loader, worker: Worker, epoch: in
     from pipelines.shard_format import read_manifest
 
     scores = gather_scores(collect_scores(getattr(model, "module", model), loader, worker.device,
-                                          worker.bf16))
+                                          worker.bf16, cfg.eval.score_average))
     if worker.rank != 0:
         return {}
     report = video_report(scores, read_manifest(cfg.data.shards)["classes"])

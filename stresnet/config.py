@@ -110,7 +110,9 @@ class ShardsConfig:
 
     output: str = path("data/synthetic/shards")
     samples_per_shard: int = num(64, min=1)
-    short_side: int = num(256, min=0)  # resize so the shorter side is this; 0 keeps native size
+    # Stored frames: resize so the shorter side is this; 0 keeps the native size. Flow is always
+    # computed on the native frames, so its values are in the video's own pixels.
+    short_side: int = num(0, min=0)
     fps: Optional[float] = num(None, min=1.0)  # None keeps the native frame rate
     flow: Literal["tvl1", "farneback"] = "tvl1"
     tvl1_epsilon: float = num(0.01, min=1e-4, max=1.0)  # TV-L1 stopping threshold (OpenCV default)

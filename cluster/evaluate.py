@@ -43,11 +43,11 @@ def evaluate_model(cfg: RunConfig, model: nn.Module) -> tuple[dict, dict[str, Pa
     bf16 = cfg.train.bf16 and device.type == "cuda"
     classes = read_manifest(cfg.data.shards)["classes"]
     loader = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False)
-    report = video_report(collect_scores(model, loader, device, bf16), classes)
+    report = video_report(collect_scores(model, loader, device, bf16, cfg.eval.score_average), classes)
     if cfg.eval.fully_convolutional:
         # Stage 2 (spec section 5): every frame of the video in one pass, convolutional in time.
         whole = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False, whole_video=True)
-        report["fully_convolutional"] = video_report(collect_scores(model, whole, device, bf16), classes)
+        report["fully_convolutional"] = video_report(collect_scores(model, whole, device, bf16, cfg.eval.score_average), classes)
     return report, save_report(report, cfg.eval.output)
 
 

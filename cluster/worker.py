@@ -53,6 +53,7 @@ class Worker:
     world: int
     device: torch.device
     bf16: bool  # autocast to bfloat16 (GPU only)
+    loss: str = "per_step"  # train.loss
 
 
 @dataclass
@@ -77,7 +78,7 @@ def setup_worker(cfg: RunConfig) -> Worker:
         # node would otherwise oversubscribe it.
         torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
     return Worker(context.get_world_rank(), context.get_world_size(), device,
-                  bf16=cfg.train.bf16 and device.type == "cuda")
+                  bf16=cfg.train.bf16 and device.type == "cuda", loss=cfg.train.loss)
 
 
 def build_and_restore(cfg: RunConfig, worker: Worker) -> tuple[nn.Module, torch.optim.Optimizer, TrainState]:
@@ -124,7 +125,8 @@ def train_one_step(
         batch = next(batches)
         waited += time.perf_counter() - before
         stats = forward_backward(model, batch, accumulation, worker.device,
-                                 sync_gradients=micro == accumulation - 1, bf16=worker.bf16)
+                                 sync_gradients=micro == accumulation - 1, bf16=worker.bf16,
+                                 loss=worker.loss)
         totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips, 0],
                                dtype=torch.float64)
     totals[3] = float(stop_requested)
@@ -172,7 +174,7 @@ def validate(cfg: RunConfig, model: nn.Module, loader, worker: Worker, epoch: in
     from pipelines.shard_format import read_manifest
 
     scores = gather_scores(collect_scores(getattr(model, "module", model), loader, worker.device,
-                                          worker.bf16))
+                                          worker.bf16, cfg.eval.score_average))
     if worker.rank != 0:
         return {}
     report = video_report(scores, read_manifest(cfg.data.shards)["classes"])
@@ -241,7 +243,8 @@ def train_loop(loop_config: dict) -> None:
             torch.manual_seed(step_seed(cfg.seed, worker.rank, step))
             asked = worker.rank == 0 and (run_dir / STOP_REQUEST).exists()
             metrics, stop = train_one_step(model, optimizer, batches, accumulation, worker,
-                                           learning_rate(cfg.train, step), asked)
+                                           learning_rate(cfg.train, step, steps_per_epoch),
+                                           asked)
             metrics["epoch"] = epoch + 1
             state.global_step = step + 1
             session_steps += 1

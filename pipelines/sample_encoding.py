@@ -21,7 +21,7 @@ import numpy as np
 from pipelines import shard_format as fmt
 from pipelines.flow import FlowEstimator
 from pipelines.sources import VideoEntry
-from pipelines.video import VideoError, decode_video
+from pipelines.video import VideoError, decode_video, resized_shape
 from stresnet.config import ShardsConfig
 
 
@@ -89,32 +89,55 @@ def _process_one(job: tuple[VideoEntry, Processing]) -> tuple[dict | None, str |
 
 
 def video_sample(entry: VideoEntry, p: Processing) -> dict:
-    """Decode one video, compute its flow and encode everything as one WebDataset sample."""
-    video = decode_video(entry.path, fps=p.fps, short_side=p.short_side)
+    """Decode one video, compute its flow and encode everything as one WebDataset sample.
+
+    Flow is always computed on the video's native frames, so that its values are in the video's
+    own pixels (the authors' TV-L1 flow of the 320x240 UCF101 videos, spec section 5). With
+    ``short_side > 0`` the frames *and* the flow fields are resized afterwards for storage; the
+    flow values are not rescaled: they stay in native pixels, like everything the loader's crop
+    and resize does to them. The sample's json records the size the flow was computed at
+    (``flow_height``, ``flow_width``).
+    """
+    video = decode_video(entry.path, fps=p.fps)
     frames = video.frames
     if len(frames) < 2:
         raise VideoError(f"only {len(frames)} frame: no optical flow")
     key = (p.flow, p.tvl1_epsilon)
     if key not in _ESTIMATORS:
         _ESTIMATORS[key] = FlowEstimator(p.flow, p.tvl1_epsilon)
+    flow_height, flow_width = frames.shape[1:3]
+    size = (flow_height, flow_width)
+    if p.short_side > 0:
+        size = resized_shape(flow_height, flow_width, p.short_side)
 
     params = [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality]
     sample: dict = {"__key__": entry.video_id}
-    for i, frame in enumerate(frames):
+    for i, frame in enumerate(_resized(frames, size)):
         sample[fmt.rgb_member(i)] = _jpeg(frame, params)
     for i, field in enumerate(_ESTIMATORS[key].fields(frames)):
         flow = fmt.quantize_flow(field, p.flow_bound)
         name_x, name_y = fmt.flow_members(i)
-        sample[name_x] = _jpeg(flow[:, :, 0], params)
-        sample[name_y] = _jpeg(flow[:, :, 1], params)
-    height, width = frames.shape[1:3]
+        flow_x, flow_y = _resized(np.stack([flow[:, :, 0], flow[:, :, 1]]), size)
+        sample[name_x] = _jpeg(flow_x, params)
+        sample[name_y] = _jpeg(flow_y, params)
+    height, width = size
     meta = {
         "video_id": entry.video_id, "label": entry.label, "class_name": entry.class_name, "split": entry.split,
         "num_frames": len(frames), "fps": video.fps, "height": height, "width": width,
+        "flow_height": flow_height, "flow_width": flow_width,
         "flow_bound": p.flow_bound, "flow_method": p.flow, "source": entry.source,
     }
     sample["json"] = json.dumps(meta, sort_keys=True).encode()
     return sample
+
+
+def _resized(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``images`` (N, H, W[, C]) at (height, width) ``size`` (area when shrinking)."""
+    if images.shape[1:3] == tuple(size):
+        return images
+    shrink = size[0] < images.shape[1]
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(image, (size[1], size[0]), interpolation=interp) for image in images])
 
 
 def _jpeg(image: np.ndarray, params: list[int]) -> bytes:

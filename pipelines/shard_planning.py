@@ -60,6 +60,8 @@ def creation_params(cfg: RunConfig) -> dict:
         "samples_per_shard": s.samples_per_shard,
         "num_partitions": s.num_partitions,
         "short_side": s.short_side,
+        # flow is computed on the native frames, before any short_side resize (issue 10)
+        "flow_resolution": "native",
         "fps": s.fps,
         "flow": s.flow,
         "tvl1_epsilon": s.tvl1_epsilon,

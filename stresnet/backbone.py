@@ -220,12 +220,14 @@ class ResNet(nn.Module):
                 x = block(x, num_frames)
         return x
 
-    def head(self, x: Tensor, num_frames: int = 1) -> Tensor:
+    def head(self, x: Tensor, num_frames: int = 1, per_step: bool = False) -> Tensor:
         """Last-stage output ``(B*T, C, h, w)`` -> clip logits ``(B, K)``.
 
         Temporal pooling first (max or avg over a window of time steps), then spatial average
         pooling, dropout and the classifier on every remaining time step; their logits are
-        averaged. A window longer than the clip is shortened to the clip.
+        averaged. A window longer than the clip is shortened to the clip. ``per_step=True``
+        returns the logits of every remaining time step, ``(B, T', K)``, unaveraged (the
+        authors' per-step loss, ``train.loss: per_step``).
         """
         clips = x.unflatten(0, (-1, num_frames)).transpose(1, 2)  # (B, C, T, h, w)
         if self.pool.kind != "none":
@@ -233,7 +235,8 @@ class ResNet(nn.Module):
             pool3d = F.max_pool3d if self.pool.kind == "max" else F.avg_pool3d
             clips = pool3d(clips, (window, 1, 1), (self.pool.stride, 1, 1))
         steps = clips.mean(dim=(3, 4)).transpose(1, 2)  # (B, T', C)
-        return self.fc(self.dropout(steps)).mean(dim=1)
+        logits = self.fc(self.dropout(steps))
+        return logits if per_step else logits.mean(dim=1)
 
     def forward(self, x: Tensor, num_frames: int = 1) -> Tensor:
         """Frames ``(B*T, C, H, W)`` of ``B`` clips -> logits ``(B, K)``.

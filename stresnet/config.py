@@ -110,7 +110,9 @@ class ShardsConfig:
 
     output: str = path("data/synthetic/shards")
     samples_per_shard: int = num(64, min=1)
-    short_side: int = num(256, min=0)  # resize so the shorter side is this; 0 keeps native size
+    # Stored frames: resize so the shorter side is this; 0 keeps the native size. Flow is always
+    # computed on the native frames, so its values are in the video's own pixels.
+    short_side: int = num(0, min=0)
     fps: Optional[float] = num(None, min=1.0)  # None keeps the native frame rate
     flow: Literal["tvl1", "farneback"] = "tvl1"
     tvl1_epsilon: float = num(0.01, min=1e-4, max=1.0)  # TV-L1 stopping threshold (OpenCV default)
@@ -247,9 +249,11 @@ class SamplingConfig:
     crop_scale: tuple[float, float] = (0.75, 1.25)
     crop_placement: Literal["corner", "anywhere"] = "corner"
     flip: bool = True
-    flow_center: Literal["none", "median"] = "none"  # median: subtract per-channel median
+    # median: subtract each flow image's median, taken over the whole frame before cropping
+    flow_center: Literal["none", "median"] = "none"
     test_positions: int = num(25, min=1)
-    test_crops: Literal["center", "center_flip", "ten_crop"] = "center_flip"
+    # full_frame: the whole frame + its mirror, fully convolutionally (authors' denseEval)
+    test_crops: Literal["center", "center_flip", "ten_crop", "full_frame"] = "center_flip"
 
     def check(self) -> None:
         if self.stride_min > self.stride_max:
@@ -287,10 +291,17 @@ class TrainConfig:
     steps_per_epoch: Optional[int] = num(None, min=1)  # None: one pass over the shards
     global_batch_size: int = num(128, min=1)  # clips per optimizer step over all workers
     lr: float = num(1e-3, min=0.0)
-    lr_steps: list[int] = _list()  # optimizer steps at which lr is divided by lr_decay
+    # lr is divided by lr_decay at each of these optimizer steps and at the start of each of
+    # these epochs (0-based; one epoch = one pass over the training set unless steps_per_epoch)
+    lr_steps: list[int] = _list()
+    lr_epochs: list[int] = _list()
     lr_decay: float = num(10.0, min=1.0)
     momentum: float = num(0.9, min=0.0, max=1.0)
-    weight_decay: float = num(5e-4, min=0.0)
+    weight_decay: float = num(5e-4, min=0.0)  # never on biases and normalisation parameters
+    bias_lr_factor: float = num(2.0, min=0.0)  # biases learn at this multiple of lr (code: 2)
+    # per_step: a loss on every remaining time step, labels repeated (code); clip_mean: one loss
+    # on the logits averaged over time
+    loss: Literal["per_step", "clip_mean"] = "per_step"
     bf16: bool = True  # autocast on GPU; ignored on CPU
     channels_last: bool = True  # on GPU
     checkpoint_every: int = num(100, min=1)  # optimizer steps
@@ -339,6 +350,9 @@ class EvalConfig:
     output: str = path("outputs/eval")
     batch_size_per_worker: int = num(4, min=1)  # evaluation clips per worker per batch
     fully_convolutional: bool = False  # stage 2: also run whole videos in one pass
+    # What a video's score averages over its positions, views and (fused) streams: the
+    # prediction layer's outputs (logits, the authors' code) or softmax probabilities.
+    score_average: Literal["logits", "softmax"] = "logits"
 
 
 @dataclass

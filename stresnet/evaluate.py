@@ -2,9 +2,12 @@
 ``stresnet evaluate``.
 
 A test loader yields every (video, view) once, where a view is one crop of the video's test
-positions. The softmax scores of a video's views are averaged per stream; the video's prediction
-is the arg-max of that average. Reported: top-1/top-5 of the appearance, motion and fused
-(average of both streams' softmax) scores, per-class accuracy and the fused confusion matrix.
+positions. A video's scores are averaged over its views per stream; the video's prediction is the
+arg-max of that average. What is averaged is ``eval.score_average``: ``logits`` (the authors' code,
+``cnn_train_dag.m``: the prediction layer's outputs averaged over positions, flips and streams) or
+``softmax`` (the probabilities). The fused score averages the streams' scores of the same kind.
+Reported: top-1/top-5 of the appearance, motion and fused scores, per-class accuracy and the
+fused confusion matrix.
 
 In distributed evaluation each worker sees a disjoint part of the views; :func:`gather_scores`
 merges the workers' sums so every rank can compute the same report.
@@ -24,27 +27,39 @@ REPORT_STREAMS = ("appearance", "motion", "fused")
 
 
 class VideoScores:
-    """Per video: its label, the number of views seen and the sum of each stream's softmax."""
+    """Per video: its label, the number of views seen and the sum of each stream's scores.
 
-    def __init__(self) -> None:
+    ``average``: ``"logits"`` sums the streams' logits (fused: their mean over streams),
+    ``"softmax"`` sums softmax probabilities (fused: the model's mean of the streams' softmax).
+    """
+
+    def __init__(self, average: str = "logits") -> None:
+        if average not in ("logits", "softmax"):
+            raise ValueError(f"eval.score_average: got {average!r}, expected 'logits' or 'softmax'")
+        self.average = average
         self.videos: dict[str, dict] = {}
 
     def add(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, video_ids: list[str]) -> None:
         """Add one batch of model outputs (stream logits and fused scores) for ``video_ids``."""
-        probabilities = {}
-        for name in REPORT_STREAMS:
-            if name in outputs:
-                scores = outputs[name].float()
-                # "fused" already is an average of softmax scores; the streams are logits.
-                probabilities[name] = (scores if name == "fused" else scores.softmax(dim=1)).cpu().numpy()
+        streams = {name: outputs[name].float() for name in REPORT_STREAMS
+                   if name in outputs and name != "fused"}
+        if self.average == "logits":
+            per_view = dict(streams)
+            per_view["fused"] = torch.stack(list(streams.values())).mean(0)
+        else:
+            per_view = {name: logits.softmax(dim=1) for name, logits in streams.items()}
+            # "fused" already is the mean of the streams' softmax
+            per_view["fused"] = outputs["fused"].float() if "fused" in outputs else (
+                torch.stack(list(per_view.values())).mean(0))
+        scores_np = {name: values.cpu().numpy() for name, values in per_view.items()}
         for i, video_id in enumerate(video_ids):
             entry = self.videos.setdefault(
                 video_id, {"label": int(labels[i]), "views": 0, "scores": {}}
             )
             entry["views"] += 1
-            for name, probs in probabilities.items():
+            for name, values in scores_np.items():
                 total = entry["scores"].get(name)
-                entry["scores"][name] = probs[i].astype(np.float64) if total is None else total + probs[i]
+                entry["scores"][name] = values[i].astype(np.float64) if total is None else total + values[i]
 
     def merge(self, other: "VideoScores") -> None:
         for video_id, theirs in other.videos.items():
@@ -63,9 +78,9 @@ def gather_scores(scores: VideoScores) -> VideoScores:
         return scores
     parts: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, scores.videos)
-    merged = VideoScores()
+    merged = VideoScores(scores.average)
     for videos in parts:
-        part = VideoScores()
+        part = VideoScores(scores.average)
         part.videos = videos
         merged.merge(part)
     return merged
@@ -73,12 +88,13 @@ def gather_scores(scores: VideoScores) -> VideoScores:
 
 @torch.no_grad()
 def collect_scores(
-    model: nn.Module, loader, device: torch.device, bf16: bool = False
+    model: nn.Module, loader, device: torch.device, bf16: bool = False, average: str = "logits"
 ) -> VideoScores:
-    """Run ``model`` over a test-mode loader; returns this process's summed view scores."""
+    """Run ``model`` over a test-mode loader; returns this process's summed view scores
+    (``average``: ``eval.score_average``)."""
     was_training = model.training
     model.eval()
-    scores = VideoScores()
+    scores = VideoScores(average)
     try:
         for batch in loader:
             rgb = batch["rgb"].to(device) if batch.get("rgb") is not None else None
@@ -108,6 +124,7 @@ def video_report(scores: VideoScores, class_names: list[str]) -> dict:
     report: dict = {
         "videos": len(video_ids),
         "views_per_video": {"min": int(views.min()), "max": int(views.max())},
+        "score_average": scores.average,
         "classes": list(class_names),
         "streams": {},
     }

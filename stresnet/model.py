@@ -32,6 +32,8 @@ class STResNet(nn.Module):
 
     Stream entries are class logits averaged over the remaining time steps; ``fused`` is the mean
     of the streams' softmax scores. Single-stream modes return their stream and ``fused``.
+    ``per_step=True``: stream entries are the logits of every remaining time step
+    ``(B, T', K)`` (for the per-step loss); ``fused`` is still computed from their time average.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -51,7 +53,9 @@ class STResNet(nn.Module):
         if cfg.mode == "st_resnet" and cfg.injection.stages:
             self.cross_stream = CrossStreamConnection(cfg.injection)
 
-    def forward(self, rgb: Optional[Tensor], flow: Optional[Tensor]) -> dict[str, Tensor]:
+    def forward(
+        self, rgb: Optional[Tensor], flow: Optional[Tensor], per_step: bool = False
+    ) -> dict[str, Tensor]:
         inputs = {"appearance": rgb, "motion": flow}
         for name in self.streams:
             if inputs[name] is None:
@@ -68,8 +72,10 @@ class STResNet(nn.Module):
         else:
             features = {name: getattr(self, name).features(frames[name], num_frames)
                         for name in self.streams}
-        out = {name: getattr(self, name).head(features[name], num_frames) for name in self.streams}
-        out["fused"] = torch.stack([out[name].softmax(dim=-1) for name in self.streams]).mean(0)
+        out = {name: getattr(self, name).head(features[name], num_frames, per_step)
+               for name in self.streams}
+        clip_logits = [out[name].mean(dim=1) if per_step else out[name] for name in self.streams]
+        out["fused"] = torch.stack([logits.softmax(dim=-1) for logits in clip_logits]).mean(0)
         return out
 
     def _cross_stream_features(self, a: Tensor, m: Tensor, num_frames: int) -> dict[str, Tensor]:

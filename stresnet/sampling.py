@@ -12,9 +12,9 @@ frames t-L/2 .. t+L/2-1), clamped to the fields that exist.
 Network input (``normalize_clip``):
 
 - RGB: ``(byte / 255 - mean) / std`` with the ImageNet statistics torchvision models expect.
-- Flow: ``(byte - centre) / FLOW_SCALE`` where ``centre`` is 128 (spec) or the per-channel median of
-  that flow image (``sampling.flow_center: median``, the authors' ``subMedian``: removes camera
-  motion). ``FLOW_SCALE = 255 * mean(ImageNet std)`` ~= 57.6: the authors feed ``byte - 128`` to a
+- Flow: ``(byte - centre) / FLOW_SCALE`` where ``centre`` is 128 (spec) or the median of that flow
+  image over the whole frame, taken by the loader before cropping (``sampling.flow_center:
+  median``, the authors' ``subMedian`` in ``cnn_get_im_flow_batch.m``: removes camera motion). ``FLOW_SCALE = 255 * mean(ImageNet std)`` ~= 57.6: the authors feed ``byte - 128`` to a
   network whose RGB input is ``byte - mean`` (no std division); torchvision's RGB input is further
   divided by ``255 * std``, so dividing flow by the same factor keeps the authors' ratio between the
   two modalities, which the cross-modality conv1 init (averaged RGB filters) relies on. In pixels,
@@ -57,12 +57,15 @@ class ClipPlan:
 
     ``flow_indices[k]`` are the ``L`` flow fields stacked for ``positions[k]``. ``flip`` means the
     crop is mirrored horizontally and flow-x negated (``normalize_clip`` does the negation).
+    ``size`` is the (height, width) the crop is resized to: ``input_size`` square, except for
+    ``full_frame`` test views (:func:`full_frame_size`).
     """
 
     positions: tuple[int, ...]
     flow_indices: tuple[tuple[int, ...], ...]
     box: CropBox
     flip: bool
+    size: tuple[int, int]
 
 
 def clip_rng(seed: int, epoch: int, video_id: str) -> np.random.Generator:
@@ -145,12 +148,30 @@ def train_crop(
     return CropBox(x, y, w, h), flip
 
 
-def eval_views(height: int, width: int, cfg: SamplingConfig) -> list[tuple[CropBox, bool]]:
-    """The evaluation views of a video: centre crop (``center``), plus its mirror
-    (``center_flip``), or four corners + centre and their mirrors (``ten_crop``).
+def full_frame_size(height: int, width: int, input_size: int) -> tuple[int, int]:
+    """The network input size of a ``full_frame`` view of a ``height x width`` frame: each side
+    kept, but brought into ``[input_size, 2 * input_size]`` (the authors' dense evaluation,
+    ``cnn_get_im_flow_batch.m`` with ``augmentation = 'none'``: ``sz = min(2*imageSize,
+    max(imageSize, sz))``). A 320x240 frame stays 320x240 at input size 224."""
+    return tuple(min(2 * input_size, max(input_size, side)) for side in (height, width))
 
-    The crop is input_size square, clipped to the frame (then resized like training crops).
+
+def eval_views(
+    height: int, width: int, cfg: SamplingConfig, limit: tuple[int, int] | None = None,
+) -> list[tuple[CropBox, bool]]:
+    """The evaluation views of a video: centre crop (``center``), plus its mirror
+    (``center_flip``), four corners + centre and their mirrors (``ten_crop``), or the whole
+    frame and its mirror (``full_frame``, run fully convolutionally).
+
+    Crops are input_size square, clipped to the frame (then resized like training crops).
+    ``limit`` (height, width) (``full_frame`` only): the whole frame is cut to its top-left
+    ``limit`` so that every view of a batch has one size: the authors cut a batch of
+    different-sized frames to the smallest (``im{...}(1:h_min, 1:w_min)``).
     """
+    if cfg.test_crops == "full_frame":
+        h, w = (height, width) if limit is None else (min(height, limit[0]), min(width, limit[1]))
+        whole = CropBox(0, 0, w, h)
+        return [(whole, False), (whole, True)]
     w, h = min(cfg.input_size, width), min(cfg.input_size, height)
     center = CropBox((width - w) // 2, (height - h) // 2, w, h)
     if cfg.test_crops == "center":
@@ -171,36 +192,44 @@ def train_plan(
         num_frames, cfg.train_positions, cfg.stride_min, cfg.stride_max, flow_length, rng
     )
     box, flip = train_crop(height, width, cfg, rng)
-    return _plan(positions, num_frames, flow_length, box, flip)
+    return _plan(positions, num_frames, flow_length, box, flip, (cfg.input_size,) * 2)
 
 
 def eval_plan(
     cfg: SamplingConfig, flow_length: int, view: int, num_frames: int, height: int, width: int,
-    whole_video: bool = False,
+    whole_video: bool = False, limit: tuple[int, int] | None = None,
 ) -> ClipPlan:
-    """View ``view`` of a test video: ``test_positions`` uniform positions or the whole video."""
+    """View ``view`` of a test video: ``test_positions`` uniform positions or the whole video.
+    ``limit``: see :func:`eval_views`."""
     positions = eval_positions(
         num_frames, None if whole_video else cfg.test_positions, flow_length
     )
-    box, flip = eval_views(height, width, cfg)[view]
-    return _plan(positions, num_frames, flow_length, box, flip)
+    box, flip = eval_views(height, width, cfg, limit)[view]
+    size = (cfg.input_size,) * 2
+    if cfg.test_crops == "full_frame":
+        size = full_frame_size(box.h, box.w, cfg.input_size)
+    return _plan(positions, num_frames, flow_length, box, flip, size)
 
 
 def _plan(
-    positions: list[int], num_frames: int, flow_length: int, box: CropBox, flip: bool
+    positions: list[int], num_frames: int, flow_length: int, box: CropBox, flip: bool,
+    size: tuple[int, int],
 ) -> ClipPlan:
     stacks = tuple(flow_indices(p, num_frames, flow_length) for p in positions)
-    return ClipPlan(tuple(positions), stacks, box, flip)
+    return ClipPlan(tuple(positions), stacks, box, flip, tuple(size))
 
 
 def normalize_clip(
-    rgb: torch.Tensor | None, flow: torch.Tensor | None, flip: torch.Tensor, flow_center: str
+    rgb: torch.Tensor | None, flow: torch.Tensor | None, flip: torch.Tensor, flow_center: str,
+    flow_median: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """uint8 crops from a loader -> network input, on whatever device the crops are.
 
-    ``rgb`` (B, T, S, S, 3) and ``flow`` (B, T, S, S, 2L) are the resized (and, where ``flip``,
+    ``rgb`` (B, T, H, W, 3) and ``flow`` (B, T, H, W, 2L) are the resized (and, where ``flip``,
     already mirrored) crops with flow channels interleaved x1, y1, x2, y2, ...; ``flip`` (B,) bool.
-    Returns float32 ``(B, T, 3, S, S)`` and ``(B, T, 2L, S, S)``.
+    ``flow_center="median"`` needs ``flow_median`` (B, T, 2L): each flow image's median byte over
+    the whole frame before cropping and mirroring, as the authors take it (``subMedian``).
+    Returns float32 ``(B, T, 3, H, W)`` and ``(B, T, 2L, H, W)``.
     """
     out_rgb = out_flow = None
     if rgb is not None:
@@ -213,8 +242,12 @@ def normalize_clip(
         negate = flip.to(values.device).view(-1, 1, 1, 1, 1) & _is_x_channel(flow)
         values = torch.where(negate, 255.0 - values, values)
         if flow_center == "median":
-            b, t, s1, s2, c = values.shape
-            centre = values.reshape(b, t, s1 * s2, c).median(dim=2).values.view(b, t, 1, 1, c)
+            if flow_median is None:
+                raise ValueError("sampling.flow_center 'median' needs the loader's whole-frame medians")
+            b, t, _, _, c = values.shape
+            centre = flow_median.to(values.device, torch.float32).view(b, t, 1, 1, c)
+            # the median of the mirrored x image is 255 - the median of x
+            centre = torch.where(negate, 255.0 - centre, centre)
         else:
             centre = 128.0
         out_flow = ((values - centre) / FLOW_SCALE).permute(0, 1, 4, 2, 3).contiguous()

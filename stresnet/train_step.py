@@ -10,7 +10,7 @@ Typical use (see ``cluster/train.py``)::
 
     optimizer = build_optimizer(model, cfg.train)
     for step, micro_batches in ...:
-        set_learning_rate(optimizer, learning_rate(cfg.train, step))
+        set_learning_rate(optimizer, learning_rate(cfg.train, step, steps_per_epoch))
         stats = [forward_backward(model, b, accumulation, device, autocast) for b in micro_batches]
         optimizer.step(); optimizer.zero_grad(set_to_none=True)
 """
@@ -18,6 +18,7 @@ Typical use (see ``cluster/train.py``)::
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,51 +42,97 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     return global_batch // per_pass
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """SGD parameter groups: weight decay on conv/linear weights only.
+def parameter_groups(model: nn.Module, weight_decay: float, bias_lr_factor: float = 1.0) -> list[dict]:
+    """SGD parameter groups: weight decay on conv/linear weights only; biases at a higher rate.
 
     Biases and normalisation scales/shifts are the one-dimensional parameters; decaying them
     only shrinks the network's ability to re-scale features, so they get none (spec section 6).
+    Parameters named ``bias`` (the classifier's and the normalisation shifts) learn at
+    ``bias_lr_factor`` times the learning rate: the authors' ``setLrWd(..., 'biasesLRWD',
+    [2 0])`` (``STResNet_stage1.m``). Each group's ``lr_factor`` is applied by
+    :func:`set_learning_rate`.
     """
-    decay, no_decay = [], []
-    for param in model.parameters():
+    decay, scales, biases = [], [], []
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
+        if param.ndim > 1:
+            decay.append(param)
+        elif name.rsplit(".", 1)[-1] == "bias":
+            biases.append(param)
+        else:
+            scales.append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "lr_factor": 1.0},
+        {"params": scales, "weight_decay": 0.0, "lr_factor": 1.0},
+        {"params": biases, "weight_decay": 0.0, "lr_factor": bias_lr_factor},
     ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(
-        parameter_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum
+    optimizer = torch.optim.SGD(
+        parameter_groups(model, cfg.weight_decay, cfg.bias_lr_factor), lr=cfg.lr,
+        momentum=cfg.momentum,
     )
+    set_learning_rate(optimizer, cfg.lr)
+    return optimizer
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
+def steps_per_pass(num_videos: int, global_batch: int, micro_batch: int, world_size: int) -> int:
+    """Optimizer steps in one pass over ``num_videos`` training videos, as the training loop
+    counts them (``cluster/worker.py``): every rank gets ``ceil(N / W)`` samples in whole
+    micro-batches of ``micro_batch``; ``accumulation`` micro-batches make one step."""
+    accumulation = accumulation_steps(global_batch, micro_batch, world_size)
+    micro_batches = math.ceil(math.ceil(num_videos / world_size) / micro_batch)
+    return micro_batches // accumulation
+
+
+def lr_boundaries(cfg: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """The optimizer steps at which the learning rate drops: ``lr_steps`` and the first step
+    of every epoch in ``lr_epochs``, sorted."""
+    return sorted([*cfg.lr_steps, *(epoch * steps_per_epoch for epoch in cfg.lr_epochs)])
+
+
+def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int = 0) -> float:
     """The learning rate for optimizer step ``step`` (0-based): ``lr`` divided by ``lr_decay``
-    once for every entry of ``lr_steps`` that is ``<= step``."""
-    drops = sum(1 for boundary in cfg.lr_steps if step >= boundary)
+    once for every boundary (:func:`lr_boundaries`) that is ``<= step``. ``lr_epochs`` need
+    ``steps_per_epoch``."""
+    if cfg.lr_epochs and steps_per_epoch <= 0:
+        raise ValueError("train.lr_epochs needs the number of steps per epoch")
+    drops = sum(1 for boundary in lr_boundaries(cfg, steps_per_epoch) if step >= boundary)
     return cfg.lr / cfg.lr_decay**drops
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_factor", 1.0)
 
 
-def stream_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def stream_losses(
+    outputs: dict[str, torch.Tensor], labels: torch.Tensor, kind: str = "per_step"
+) -> dict[str, torch.Tensor]:
     """Softmax cross-entropy of every stream the model has, plus their sum under ``"total"``.
 
     Each stream keeps its own classifier and loss; the summed loss is what is back-propagated
-    (spec section 4).
+    (spec section 4). Stream outputs are clip logits ``(B, K)`` or per-time-step logits
+    ``(B, T', K)`` (``model(..., per_step=True)``). ``kind="per_step"`` (the authors' code): the
+    loss of every time step, the label repeated over time, averaged; ``"clip_mean"``: the loss
+    of the logits averaged over time.
     """
-    losses = {
-        name: F.cross_entropy(logits.float(), labels) for name, logits in outputs.items()
-        if name != FUSED
-    }
+    if kind not in ("per_step", "clip_mean"):
+        raise ValueError(f"train.loss: got {kind!r}, expected 'per_step' or 'clip_mean'")
+    losses = {}
+    for name, logits in outputs.items():
+        if name == FUSED:
+            continue
+        logits = logits.float()
+        if logits.ndim == 3 and kind == "clip_mean":
+            logits = logits.mean(dim=1)
+        if logits.ndim == 3:  # (B, T', K): one loss term per time step
+            steps = logits.shape[1]
+            losses[name] = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(steps))
+        else:
+            losses[name] = F.cross_entropy(logits, labels)
     if not losses:
         raise ValueError(f"model outputs {sorted(outputs)} contain no stream logits")
     losses["total"] = sum(losses.values())
@@ -108,12 +155,14 @@ def forward_backward(
     device: torch.device,
     sync_gradients: bool = True,
     bf16: bool = False,
+    loss: str = "per_step",
 ) -> MicroBatchStats:
     """Forward one micro-batch, back-propagate ``loss / accumulation``.
 
     Dividing by ``accumulation`` makes the summed gradient of all micro-batches the gradient of
     the mean loss over the whole step, i.e. what one large batch would give. With DDP,
     ``sync_gradients=False`` skips the all-reduce for all but the last micro-batch of a step.
+    ``loss``: ``train.loss`` (:func:`stream_losses`).
     """
     rgb = batch["rgb"].to(device, non_blocking=True) if batch.get("rgb") is not None else None
     flow = batch["flow"].to(device, non_blocking=True) if batch.get("flow") is not None else None
@@ -123,11 +172,11 @@ def forward_backward(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with sync_context:
         with autocast:
-            outputs = model(rgb, flow)
-        loss = stream_losses(outputs, labels)["total"]
-        (loss / accumulation).backward()
+            outputs = model(rgb, flow, per_step=loss == "per_step")
+        total = stream_losses(outputs, labels, loss)["total"]
+        (total / accumulation).backward()
     correct = int((outputs["fused"].argmax(dim=1) == labels).sum())
-    return MicroBatchStats(loss=float(loss.detach()), correct=correct, clips=len(labels))
+    return MicroBatchStats(loss=float(total.detach()), correct=correct, clips=len(labels))
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

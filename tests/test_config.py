@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+import torch
 
 from stresnet.config import ConfigError, RunConfig, dump_config, flatten, load_config
 
@@ -153,3 +157,63 @@ def test_every_path_field_is_made_absolute_and_nothing_else(tmp_path, monkeypatc
     assert resolved.dataset.csv == str(tmp_path / "list.csv")
     assert resolved.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resolved.train.run_name == "name"
+
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_CONFIGS = sorted((REPO / "configs").glob("[uh][cm][fd]*/*.yaml"))
+TRAIN_VIDEOS = {"ucf101": 9537, "hmdb51": 3570}  # split 1 (spec section 8)
+
+
+def test_paper_configs_have_no_dropout_in_the_st_stages():
+    """The code removes every dropout layer in the ST-ResNet stages (dropOutRatio = 0); 0.8 is the
+    motion base stream's only."""
+    from stresnet.model import STResNet
+
+    stages = [p for p in PAPER_CONFIGS if p.stem.startswith("stresnet_stage")]
+    assert len(stages) == 4
+    for path in stages:
+        cfg = load_config(path, ["model.width=0.0625"])
+        assert cfg.model.dropout_appearance == cfg.model.dropout_motion == 0.0, path
+        model = STResNet(cfg.model)
+        active = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        assert active == [], (path, active)
+        assert cfg.train.loss == "per_step" and cfg.sampling.test_crops == "full_frame", path
+        assert cfg.eval.score_average == "logits", path
+    for dataset in TRAIN_VIDEOS:
+        assert load_config(REPO / f"configs/{dataset}/motion_base.yaml").model.dropout_motion == 0.8
+
+
+def documented_schedules() -> dict[str, dict]:
+    """The schedule table of docs/training.md, by config path."""
+    rows = {}
+    for line in (REPO / "docs" / "training.md").read_text().splitlines():
+        if not line.startswith("| `configs/"):
+            continue
+        cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+        numbers = lambda text: [int(x.replace(",", "")) for x in re.findall(r"[\d,]+", text)]
+        rows[cells[0]] = {"videos": numbers(cells[1])[0], "batch": numbers(cells[2])[0],
+                          "steps_per_pass": numbers(cells[3])[0], "passes": numbers(cells[4])[0],
+                          "steps": numbers(cells[6])[0], "drops": numbers(cells[7])}
+    return rows
+
+
+def test_schedules_give_the_step_counts_in_docs():
+    from stresnet.train_step import learning_rate, lr_boundaries, steps_per_pass
+
+    documented = documented_schedules()
+    train_configs = [p for p in PAPER_CONFIGS if p.stem != "test"]
+    assert sorted(documented) == sorted(str(p.relative_to(REPO)) for p in train_configs)
+    for path in train_configs:
+        cfg = load_config(path)
+        videos = TRAIN_VIDEOS[cfg.dataset.kind]
+        per_pass = steps_per_pass(videos, cfg.train.global_batch_size,
+                                  cfg.data.batch_size_per_worker, cfg.cluster.num_workers)
+        row = documented[str(path.relative_to(REPO))]
+        assert row["videos"] == videos and row["batch"] == cfg.train.global_batch_size, path
+        assert row["steps_per_pass"] == per_pass, path
+        assert row["passes"] == cfg.train.epochs, path
+        assert row["steps"] == cfg.train.epochs * per_pass, path
+        assert row["drops"] == lr_boundaries(cfg.train, per_pass), path
+        # the last rate is lr / decay^(number of drops) and is reached before the end
+        last = learning_rate(cfg.train, row["steps"] - 1, per_pass)
+        assert last == pytest.approx(cfg.train.lr / cfg.train.lr_decay ** len(row["drops"]))

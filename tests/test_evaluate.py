@@ -29,7 +29,7 @@ def add_view(scores: VideoScores, video: str, label: int, appearance: list, moti
 
 
 def test_views_are_averaged_before_the_arg_max():
-    scores = VideoScores()
+    scores = VideoScores("softmax")
     # Video v0 (class 0): view 1 prefers class 1 slightly, view 2 prefers class 0 strongly.
     # Averaged, class 0 wins; a per-view vote would tie.
     add_view(scores, "v0", 0, [0.30, 0.40, 0.1, 0.1, 0.05, 0.05], [0.3, 0.2, 0.2, 0.1, 0.1, 0.1])
@@ -41,7 +41,7 @@ def test_views_are_averaged_before_the_arg_max():
 
 
 def test_top1_top5_per_class_and_confusion():
-    scores = VideoScores()
+    scores = VideoScores("softmax")
     uniform_tail = [0.01] * 5
     # v0, class 0: appearance right; motion ranks the truth 6th (outside top-5).
     add_view(scores, "v0", 0, [0.9] + uniform_tail, [0.0005, 0.2, 0.2, 0.2, 0.2, 0.1995])
@@ -67,7 +67,7 @@ def test_top1_top5_per_class_and_confusion():
 
 
 def test_merging_worker_parts_equals_scoring_in_one_place():
-    whole, part1, part2 = VideoScores(), VideoScores(), VideoScores()
+    whole, part1, part2 = VideoScores("softmax"), VideoScores("softmax"), VideoScores("softmax")
     views = [
         ("v0", 0, [0.6, 0.1, 0.1, 0.1, 0.05, 0.05], [0.2] * 5 + [0.0001]),
         ("v0", 0, [0.1, 0.6, 0.1, 0.1, 0.05, 0.05], [0.5, 0.1, 0.1, 0.1, 0.1, 0.1]),
@@ -81,7 +81,7 @@ def test_merging_worker_parts_equals_scoring_in_one_place():
 
 
 def test_report_files(tmp_path):
-    scores = VideoScores()
+    scores = VideoScores("softmax")
     add_view(scores, "v0", 0, [0.9] + [0.02] * 5, [0.9] + [0.02] * 5)
     paths = save_report(video_report(scores, CLASSES), tmp_path / "eval")
     loaded = json.loads(paths["report"].read_text())
@@ -92,4 +92,30 @@ def test_report_files(tmp_path):
 
 def test_empty_scores_are_an_error():
     with pytest.raises(ValueError, match="no test videos"):
-        video_report(VideoScores(), CLASSES)
+        video_report(VideoScores("softmax"), CLASSES)
+
+
+def test_logit_and_softmax_averaging_differ_as_expected():
+    """Three views of one video (class 0): two say class 0 with a moderate margin, one says
+    class 1 with a huge logit. Averaged logits follow the one large view (class 1); averaged
+    probabilities are bounded per view, so the two agreeing views win (class 0)."""
+    views = [torch.tensor([[5.0, 0.0, 0.0]]), torch.tensor([[5.0, 0.0, 0.0]]),
+             torch.tensor([[0.0, 30.0, 0.0]])]
+    mean = {}
+    for average in ("logits", "softmax"):
+        scores = VideoScores(average)
+        for logits in views:
+            outputs = {"appearance": logits, "motion": logits, "fused": logits.softmax(1)}
+            scores.add(outputs, torch.tensor([0]), ["v"])
+        entry = scores.videos["v"]
+        mean[average] = {k: v / entry["views"] for k, v in entry["scores"].items()}
+        report = video_report(scores, ["a", "b", "c"])
+        assert report["score_average"] == average
+        assert report["streams"]["fused"]["top1"] == (1.0 if average == "softmax" else 0.0)
+    logit_mean = torch.cat(views).mean(0).double().numpy()
+    prob_mean = torch.cat([v.softmax(1) for v in views]).mean(0).double().numpy()
+    assert mean["logits"]["appearance"] == pytest.approx(logit_mean)
+    assert mean["logits"]["fused"] == pytest.approx(logit_mean)  # mean of identical streams
+    assert mean["softmax"]["appearance"] == pytest.approx(prob_mean, rel=1e-6)
+    assert mean["logits"]["appearance"].argmax() == 1
+    assert mean["softmax"]["appearance"].argmax() == 0

@@ -12,6 +12,7 @@ import shutil
 import signal
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from pipelines.loaders import build_loader
 from pipelines.loaders.schedule import train_batches
 from pipelines.loaders.shard_reader import ShardIndex, read_index_file, scan_tar_members
 from pipelines.shard_format import rgb_member
+from stresnet.config import load_config
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, train_plan
 
 # 12 training videos, two shorter than a clip spans (T=3 positions, stride 1..3, L=2), in shards
@@ -464,3 +466,78 @@ def test_a_shard_with_its_index_ignores_damage_outside_its_members(shards, tmp_p
     with caplog.at_level(logging.WARNING), deadline(60):
         assert refs(ShardIndex(copy, "train")) == refs(ShardIndex(shards, "train"))
     assert caplog.text == ""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_frame_views_are_the_whole_frame_and_its_mirror(shards, backend):
+    """``full_frame``: 32x40 frames at input size 24 stay 32x40 (inside [24, 48]), uncropped."""
+    cfg = config(shards, **{"sampling.test_crops": "full_frame"})
+    batches = list(build_loader(cfg, "test", 0, 1, backend=backend))
+    assert sum(len(b["video_id"]) for b in batches) == len(TEST_FRAMES) * 2
+    for batch in batches:
+        assert batch["num_views"] == 2
+        assert batch["rgb"].shape[1:] == (4, 3, HEIGHT, WIDTH)
+        assert batch["flow"].shape[1:] == (4, 4, HEIGHT, WIDTH)
+    by_view = {(v, int(view)): (b["rgb"][i].cpu(), b["flow"][i].cpu())
+               for b in batches for i, (v, view) in enumerate(zip(b["video_id"], b["view"]))}
+    rgb0, flow0 = by_view[("v012", 0)]
+    rgb1, flow1 = by_view[("v012", 1)]
+    torch.testing.assert_close(rgb1, rgb0.flip(-1))  # view 1 = the mirror
+    # x -> 255 - x: one byte off an exact negation around 128
+    torch.testing.assert_close(flow1[:, 0::2], -flow0[:, 0::2].flip(-1), atol=1.01 / FLOW_SCALE, rtol=0)
+
+
+def test_full_frame_dali_and_cpu_agree(shards):
+    cfg = config(shards, **{"sampling.test_crops": "full_frame"})
+    cpu, dali = (list(build_loader(cfg, "test", 0, 1, backend=b)) for b in BACKENDS)
+    for a, b in zip(cpu, dali, strict=True):
+        assert a["video_id"] == b["video_id"] and torch.equal(a["view"], b["view"])
+        assert a["rgb"].shape == b["rgb"].shape
+        assert ((a["rgb"] - b["rgb"].cpu()).abs() * 255 * max(IMAGENET_STD)).max() <= 3
+        assert ((a["flow"] - b["flow"].cpu()).abs() * FLOW_SCALE).max() <= 3
+
+
+def test_full_frame_batches_of_different_sizes_are_cut_to_the_smallest(shards):
+    from pipelines.loaders.clips import ClipSource
+    from pipelines.loaders.schedule import ClipRequest
+
+    cfg = config(shards, **{"sampling.test_crops": "full_frame"})
+    source = ClipSource(cfg, ShardIndex(cfg.data.shards, "test"))
+    # pretend sample 1 is smaller: 30 x 36
+    ref = source.index.ref(1)
+    source.index.ref = lambda i, _orig=source.index.ref: (
+        type(ref)(**{**ref.__dict__, "height": 30, "width": 36}) if i == 1 else _orig(i))
+    batch = source.with_frame_limits([ClipRequest(0, view=0), ClipRequest(1, view=1)])
+    assert [r.limit for r in batch] == [(30, 36), (30, 36)]
+    plan = source.plan(batch[0], 0)
+    assert (plan.box.w, plan.box.h) == (36, 30) and plan.size == (30, 36)
+    train = [ClipRequest(0), ClipRequest(1)]
+    assert source.with_frame_limits(train) == train
+
+
+def test_median_centring_uses_the_whole_frame_not_the_crop():
+    """The authors subtract each flow image's median over the whole frame, before cropping
+    (``cnn_get_im_flow_batch.m``): a crop of the frame's right half is centred on the frame's
+    median, not its own."""
+    from pipelines.loaders.clips import EncodedClip, decode_clip
+    from loader_shards import jpeg
+    from stresnet.sampling import ClipPlan, CropBox, normalize_clip
+
+    image = np.zeros((32, 40), np.uint8)
+    image[:, :24] = 100  # 60 % of the frame: the frame's median is 100
+    image[:, 24:] = 200  # the crop below sees only this
+    flow_bytes = [jpeg(image), jpeg(image)]  # L=1: x and y
+    plan = ClipPlan((0,), ((0,),), CropBox(24, 0, 16, 32), False, (8, 8))
+    clip = EncodedClip(0, plan, [], flow_bytes, 0)
+    _, flow, medians = decode_clip(clip, medians=True)
+    assert flow.shape == (1, 8, 8, 2)
+    assert medians.tolist() == [[100, 100]]
+    _, out = normalize_clip(None, torch.from_numpy(flow)[None], torch.tensor([False]), "median",
+                            torch.from_numpy(medians)[None])
+    assert torch.allclose(out, torch.full_like(out, (200 - 100) / FLOW_SCALE), atol=2 / FLOW_SCALE)
+    # mirrored: x becomes 255 - x, and its centre 255 - median
+    _, flipped = normalize_clip(None, torch.from_numpy(flow)[None], torch.tensor([True]), "median",
+                                torch.from_numpy(medians)[None])
+    torch.testing.assert_close(flipped[:, :, 0], -out[:, :, 0].flip(-1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="backend 'cpu' only"):
+        build_loader(load_config(None, ["sampling.flow_center=median"]), "train", 0, 1, "dali")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -629,3 +630,36 @@ def test_paper_configs_chain(dataset, classes):
         assert cfg[base].train.run_name and cfg[base].train.run_name in getattr(
             s1.model.init, f"{base.split('_')[0]}_checkpoint")
     assert s1.train.run_name in s2.model.init.checkpoint
+
+
+def test_full_frame_input_runs_fully_convolutionally():
+    """``sampling.test_crops: full_frame`` feeds the uncropped 320x240 frame: every stream still
+    gives (B, K); on a frame of exactly the input size it is the centre-crop input itself, so the
+    outputs are equal."""
+    from stresnet.config import load_config
+    from stresnet.model import build_model
+    from stresnet.sampling import eval_plan
+
+    cfg = load_config(None, ["model.width=0.0625", "model.num_classes=7", "model.flow_length=2",
+                             "model.init.kind=random"])
+    model = build_model(cfg.model).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(torch.randn(2, 2, 3, 240, 320, generator=g), torch.randn(2, 2, 4, 240, 320, generator=g))
+    assert out["appearance"].shape == out["motion"].shape == out["fused"].shape == (2, 7)
+    full = dataclasses.replace(cfg.sampling, input_size=224, test_crops="full_frame")
+    centre = dataclasses.replace(cfg.sampling, input_size=224, test_crops="center_flip")
+    frame = torch.randn(1, 2, 3, 224, 224, generator=g), torch.randn(1, 2, 4, 224, 224, generator=g)
+
+    def crop(plan, x):
+        b = plan.box
+        assert plan.size == (224, 224)  # no resize either way
+        return x[..., b.y:b.y + b.h, b.x:b.x + b.w]
+
+    for view in (0, 1):
+        p_full, p_centre = (eval_plan(c, 2, view, 50, 224, 224) for c in (full, centre))
+        with torch.no_grad():
+            a = model(*(crop(p_full, x) for x in frame))
+            b = model(*(crop(p_centre, x) for x in frame))
+        for name in ("appearance", "motion"):
+            torch.testing.assert_close(a[name], b[name])

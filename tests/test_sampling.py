@@ -13,7 +13,7 @@ import torch
 from stresnet.config import SamplingConfig
 from stresnet.sampling import (
     CORNER_BAND, FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, clip_rng, flow_indices, flow_offsets,
-    eval_plan, eval_positions, eval_views, normalize_clip, train_crop, train_plan,
+    eval_plan, eval_positions, eval_views, full_frame_size, normalize_clip, train_crop, train_plan,
     train_positions, valid_range,
 )
 
@@ -155,6 +155,26 @@ def test_normalize_clip_values_and_flow_x_negation_on_flip():
 
 def test_normalize_clip_median_centring():
     flow = torch.randint(0, 256, (1, 2, 5, 5, 4), dtype=torch.uint8)
-    _, out = normalize_clip(None, flow, torch.tensor([False]), "median")
+    whole_frame = flow.flatten(2, 3).median(dim=2).values  # (B, T, 2L): the loader's medians
+    _, out = normalize_clip(None, flow, torch.tensor([False]), "median", whole_frame)
     medians = out.flatten(3).median(dim=3).values
     assert torch.allclose(medians, torch.zeros_like(medians))
+    with pytest.raises(ValueError, match="whole-frame medians"):
+        normalize_clip(None, flow, torch.tensor([False]), "median")
+
+
+def test_full_frame_views():
+    cfg = SamplingConfig(input_size=224, test_crops="full_frame")
+    views = eval_views(240, 320, cfg)
+    assert [(b.x, b.y, b.w, b.h, f) for b, f in views] == [(0, 0, 320, 240, False), (0, 0, 320, 240, True)]
+    plan = eval_plan(cfg, 10, 1, 100, 240, 320)
+    assert plan.size == (240, 320) and plan.flip  # 320x240 stays native: no resize
+    assert full_frame_size(240, 320, 224) == (240, 320)
+    assert full_frame_size(120, 1000, 224) == (224, 448)  # into [224, 448] per side
+    # a frame of exactly the input size: full_frame is the centre crop + its mirror
+    centre = SamplingConfig(input_size=224, test_crops="center_flip")
+    for view in (0, 1):
+        assert eval_plan(cfg, 10, view, 100, 224, 224) == eval_plan(centre, 10, view, 100, 224, 224)
+    # a batch limit cuts the frame top-left
+    box, _ = eval_views(240, 320, cfg, limit=(230, 300))[0]
+    assert (box.x, box.y, box.w, box.h) == (0, 0, 300, 230)

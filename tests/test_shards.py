@@ -242,3 +242,34 @@ def test_hmdb51_layout_end_to_end(videos, tmp_path):
     assert manifest["unused"] == 2
     samples = read_samples(out)
     assert sorted(samples) == ["clip_brush_hair_0", "clip_brush_hair_1", "clip_cartwheel_0", "clip_cartwheel_1"]
+
+
+@pytest.mark.parametrize("short_side", [0, 120])
+def test_flow_of_a_320x240_video_is_computed_at_320x240(tmp_path, short_side):
+    """Flow is computed on the native frames whatever the stored size: a pattern moving 4
+    native pixels per frame gives flow x = 4 px, also when the frames are stored at half size
+    (flow computed on resized frames would say 2)."""
+    from pipelines.sample_encoding import Processing, video_sample
+    from pipelines.sources import VideoEntry
+
+    height, width, speed = 240, 320, 4
+    # a smooth random texture moving right by `speed` pixels per frame
+    noise = np.random.default_rng(0).uniform(0, 255, (height, width + 64)).astype(np.float32)
+    texture = cv2.normalize(cv2.GaussianBlur(noise, (0, 0), 3), None, 0, 255, cv2.NORM_MINMAX)
+    texture = texture.astype(np.uint8)
+    frames = [np.repeat(texture[:, 32 - speed * t : 32 - speed * t + width, None], 3, axis=2)
+              for t in range(4)]
+    path = tmp_path / "v.avi"
+    write_video(path, np.stack(frames), fps=25.0)
+    entry = VideoEntry(path=str(path), video_id="v", label=0, class_name="c", split="train",
+                       source="v.avi")
+    sample = video_sample(entry, Processing(None, short_side, "farneback", 0.01, 20.0, 95))
+    meta = json.loads(sample["json"])
+    assert (meta["flow_height"], meta["flow_width"]) == (240, 320)
+    stored = (240, 320) if short_side == 0 else (120, 160)
+    assert (meta["height"], meta["width"]) == stored
+    flow_x = cv2.imdecode(np.frombuffer(sample["flow_x.00001.jpg"], np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert flow_x.shape == stored
+    inner = flow_x[stored[0] // 4 : -stored[0] // 4, stored[1] // 4 : -stored[1] // 4]
+    pixels = (np.median(inner) / 255.0) * 40.0 - 20.0  # bytes 0..255 <- [-20, 20] px
+    assert pixels == pytest.approx(speed, abs=0.5)

@@ -12,6 +12,8 @@ from stresnet.train_step import (
     build_optimizer,
     forward_backward,
     learning_rate,
+    set_learning_rate,
+    steps_per_pass,
     stream_losses,
 )
 
@@ -30,11 +32,14 @@ class TinyTwoStream(nn.Module):
             nn.Linear(4, num_classes),
         )
 
-    def forward(self, rgb, flow):
+    def forward(self, rgb, flow, per_step=False):
         b, t = rgb.shape[:2]
-        app = self.appearance(rgb.flatten(0, 1)).view(b, t, -1).mean(1)
-        mot = self.motion(flow.flatten(0, 1)).view(b, t, -1).mean(1)
-        return {"appearance": app, "motion": mot, "fused": (app.softmax(1) + mot.softmax(1)) / 2}
+        app = self.appearance(rgb.flatten(0, 1)).view(b, t, -1)
+        mot = self.motion(flow.flatten(0, 1)).view(b, t, -1)
+        fused = (app.mean(1).softmax(1) + mot.mean(1).softmax(1)) / 2
+        if per_step:
+            return {"appearance": app, "motion": mot, "fused": fused}
+        return {"appearance": app.mean(1), "motion": mot.mean(1), "fused": fused}
 
 
 def make_batch(n: int, seed: int) -> dict:
@@ -49,7 +54,9 @@ def make_batch(n: int, seed: int) -> dict:
 def test_no_weight_decay_on_biases_and_norms():
     model = TinyTwoStream()
     optimizer = build_optimizer(model, TrainConfig(weight_decay=5e-4, momentum=0.9))
-    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    by_decay: dict = {}
+    for g in optimizer.param_groups:
+        by_decay.setdefault(g["weight_decay"], set()).update(id(p) for p in g["params"])
     decayed = {name for name, p in model.named_parameters() if id(p) in by_decay[5e-4]}
     undecayed = {name for name, p in model.named_parameters() if id(p) in by_decay[0.0]}
     assert decayed == {"appearance.0.weight", "appearance.4.weight", "motion.0.weight", "motion.4.weight"}
@@ -111,3 +118,92 @@ def test_accumulated_micro_batches_give_the_large_batch_gradient():
     accumulated = [p.grad.clone() for p in model.parameters()]
     for a, b in zip(large, accumulated):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_biases_learn_at_twice_the_learning_rate():
+    """The authors' setLrWd(..., 'biasesLRWD', [2 0]): biases 2x lr, other parameters 1x."""
+    model = TinyTwoStream()
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, bias_lr_factor=2.0))
+    set_learning_rate(optimizer, 1e-4)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected = 2e-4 if name.endswith(".bias") else 1e-4
+        assert lr_of[id(p)] == pytest.approx(expected), name
+
+
+def test_learning_rate_drops_at_epoch_boundaries():
+    cfg = TrainConfig(lr=1e-3, lr_epochs=[3, 6], lr_decay=10.0)
+    got = [learning_rate(cfg, s, steps_per_epoch=10) for s in (0, 29, 30, 59, 60, 79)]
+    assert got == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+    with pytest.raises(ValueError, match="steps per epoch"):
+        learning_rate(cfg, 0)
+
+
+def test_steps_per_pass_matches_the_loader_and_accumulation():
+    # ceil(ceil(9537 / 1) / 8) = 1193 micro-batches, 16 per step -> 74 steps
+    assert steps_per_pass(9537, 128, 8, 1) == 74
+    # 2 workers: ceil(9537/2) = 4769 samples -> 597 micro-batches of 8, 8 per step -> 74
+    assert steps_per_pass(9537, 128, 8, 2) == 74
+    assert steps_per_pass(100, 10, 10, 1) == 10
+
+
+def _temporal_model(**overrides):
+    from stresnet.config import load_config
+    from stresnet.model import build_model
+
+    base = ["model.width=0.0625", "model.num_classes=5", "model.flow_length=2",
+            "model.dropout_motion=0.0", "model.init.kind=random"]
+    return build_model(load_config(None, base + [f"{k}={v}" for k, v in overrides.items()]).model)
+
+
+def _clip(still: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if still:
+        rgb = torch.randn(2, 1, 3, 16, 16, generator=g).expand(2, 4, 3, 16, 16).contiguous()
+        flow = torch.randn(2, 1, 4, 16, 16, generator=g).expand(2, 4, 4, 16, 16).contiguous()
+    else:
+        rgb = torch.randn(2, 4, 3, 16, 16, generator=g) * torch.arange(1.0, 5.0).view(1, 4, 1, 1, 1)
+        flow = torch.randn(2, 4, 4, 16, 16, generator=g)
+    return rgb, flow
+
+
+@pytest.mark.parametrize("pool", ["none", "max"])
+def test_per_step_loss_equals_clip_mean_on_still_clips_and_differs_otherwise(pool):
+    torch.manual_seed(0)
+    model = _temporal_model(**{"model.temporal_pool.kind": pool, "model.temporal_pool.window": 3,
+                               "model.temporal_pool.stride": 1})
+    model.train()  # batch statistics: eval-mode BN with fresh running stats saturates the logits
+    labels = torch.tensor([1, 3])
+    for still in (True, False):
+        rgb, flow = _clip(still)
+        with torch.no_grad():
+            steps = model(rgb, flow, per_step=True)
+            clip = model(rgb, flow)
+        assert steps["appearance"].shape[:2] == (2, 4 if pool == "none" else 2)
+        torch.testing.assert_close(steps["fused"], clip["fused"])
+        per_step = stream_losses(steps, labels, "per_step")["total"]
+        clip_mean = stream_losses(steps, labels, "clip_mean")["total"]
+        # clip_mean on per-step logits is the loss of the time-averaged logits.
+        assert float(clip_mean) == pytest.approx(float(stream_losses(clip, labels)["total"]), rel=1e-6)
+        if still:  # every time step computes the same logits
+            assert float(per_step) == pytest.approx(float(clip_mean), rel=1e-5)
+        else:  # cross-entropy is convex: the mean of per-step losses exceeds the loss of the mean
+            assert float(per_step) > float(clip_mean) * (1 + 1e-3)
+
+
+@pytest.mark.parametrize("loss", ["per_step", "clip_mean"])
+def test_both_losses_give_finite_gradients_to_every_temporal_conv(loss):
+    from stresnet.backbone import TemporalConv
+
+    torch.manual_seed(0)
+    model = _temporal_model()
+    rgb, flow = _clip(still=False, seed=1)
+    batch = {"rgb": rgb, "flow": flow, "label": torch.tensor([0, 4])}
+    forward_backward(model, batch, accumulation=1, device=torch.device("cpu"), loss=loss)
+    temporal = [(n, m) for n, m in model.named_modules() if isinstance(m, TemporalConv)]
+    assert len(temporal) == 2 * 4 * 2  # 2 streams x 4 stages x (branch2a, branch2c)
+    for name, module in temporal:
+        for p in module.parameters():
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all(), name
+            assert p.grad.abs().sum() > 0, name

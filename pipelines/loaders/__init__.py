@@ -39,6 +39,11 @@ def build_loader(
         train = split != cfg.data.val_split
     if whole_video and train:
         raise ValueError("whole_video applies to evaluation (train=False) only")
+    if backend == "dali" and cfg.sampling.flow_center == "median":
+        # DALI decodes only the crop region; the median belongs to the whole frame (the authors'
+        # subMedian), so this centring is the CPU loader's for now.
+        raise ValueError("sampling.flow_center 'median' is supported by data.backend 'cpu' only "
+                         "(the median is taken over the whole frame before cropping)")
     index = ShardIndex(cfg.data.shards, split)
     source = ClipSource(cfg, index, whole_video)
     if train:

@@ -9,7 +9,7 @@ vs OpenCV); ``decode_clip`` is the CPU version.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import cv2
@@ -65,8 +65,18 @@ class ClipSource:
             )
         return eval_plan(
             self.sampling, self.flow_length, request.view, ref.num_frames, ref.height,
-            ref.width, self.whole_video,
+            ref.width, self.whole_video, request.limit,
         )
+
+    def with_frame_limits(self, batch: list[ClipRequest]) -> list[ClipRequest]:
+        """``full_frame`` test views of different-sized videos cannot share a batch tensor: cut
+        every frame of the batch to the batch's smallest height and width (the authors' rule,
+        ``cnn_get_im_flow_batch.m``). Other batches are returned as they are."""
+        if self.sampling.test_crops != "full_frame" or not batch or batch[0].train:
+            return batch
+        refs = [self.index.ref(r.index) for r in batch]
+        limit = (min(r.height for r in refs), min(r.width for r in refs))
+        return [replace(r, limit=limit) for r in batch]
 
     def read(self, request: ClipRequest, index: int) -> EncodedClip:
         """The clip's members for sample ``index``; ``SampleError`` if any is missing or bad."""
@@ -111,22 +121,31 @@ class ClipSource:
                 index = substitute
 
 
-def decode_clip(clip: EncodedClip, size: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """CPU decode + crop + resize + flip: rgb (T, S, S, 3) and flow (T, S, S, 2L) uint8.
+def decode_clip(
+    clip: EncodedClip, medians: bool = False
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """CPU decode + crop + resize + flip: rgb (T, H, W, 3) and flow (T, H, W, 2L) uint8, where
+    (H, W) is ``clip.plan.size``; with ``medians``, also each flow image's median byte over the
+    whole frame, before cropping (T, 2L) (``sampling.flow_center: median``).
 
     Bilinear without antialiasing (the authors' ``imresize(..., 'Antialiasing', false)``), the
     same as the DALI pipeline's ``fn.resize`` settings.
     """
-    rgb = flow = None
+    rgb = flow = flow_median = None
     if clip.rgb:  # OpenCV decodes to BGR
-        rgb = np.stack([_crop(_decode(b, cv2.IMREAD_COLOR)[:, :, ::-1], clip.plan, size)
+        rgb = np.stack([_crop(_decode(b, cv2.IMREAD_COLOR)[:, :, ::-1], clip.plan)
                         for b in clip.rgb])
     if clip.flow:
-        fields = np.stack([_crop(_decode(b, cv2.IMREAD_GRAYSCALE), clip.plan, size)
-                           for b in clip.flow])
-        t = len(clip.plan.positions)  # (T*2L, S, S) -> (T, S, S, 2L)
-        flow = fields.reshape(t, -1, size, size).transpose(0, 2, 3, 1)
-    return rgb, flow
+        images = [_decode(b, cv2.IMREAD_GRAYSCALE) for b in clip.flow]
+        fields = np.stack([_crop(image, clip.plan) for image in images])
+        t = len(clip.plan.positions)  # (T*2L, H, W) -> (T, H, W, 2L)
+        flow = fields.reshape(t, -1, *fields.shape[1:]).transpose(0, 2, 3, 1)
+        if medians:
+            # torch's median (the lower middle value), as the crop-based centring had
+            flow_median = torch.from_numpy(
+                np.stack([image.reshape(-1) for image in images])
+            ).median(dim=1).values.numpy().reshape(t, -1)
+    return rgb, flow, flow_median
 
 
 def _decode(data: bytes, mode: int) -> np.ndarray:
@@ -136,10 +155,12 @@ def _decode(data: bytes, mode: int) -> np.ndarray:
     return image
 
 
-def _crop(image: np.ndarray, plan: ClipPlan, size: int) -> np.ndarray:
+def _crop(image: np.ndarray, plan: ClipPlan) -> np.ndarray:
     box = plan.box
     crop = image[box.y : box.y + box.h, box.x : box.x + box.w]
-    crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR)
+    height, width = plan.size
+    if crop.shape[:2] != (height, width):
+        crop = cv2.resize(crop, (width, height), interpolation=cv2.INTER_LINEAR)
     return np.ascontiguousarray(crop[:, ::-1]) if plan.flip else crop
 
 
@@ -151,10 +172,12 @@ def finish_batch(
     flow: torch.Tensor | None,
     flip: torch.Tensor,
     skipped: int,
+    flow_median: torch.Tensor | None = None,
 ) -> dict:
     """The dict a loader yields (see docs/loaders.md), from uint8 crops of the samples
-    ``indices``; ``views`` is None for training clips, else the view of each evaluation item."""
-    rgb_f, flow_f = normalize_clip(rgb, flow, flip, source.sampling.flow_center)
+    ``indices``; ``views`` is None for training clips, else the view of each evaluation item.
+    ``flow_median``: (B, T, 2L) whole-frame medians for ``sampling.flow_center: median``."""
+    rgb_f, flow_f = normalize_clip(rgb, flow, flip, source.sampling.flow_center, flow_median)
     refs = [source.index.ref(i) for i in indices]
     batch = {
         "rgb": rgb_f,

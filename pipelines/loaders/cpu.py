@@ -33,9 +33,10 @@ class _ClipDataset(Dataset):
             return None
 
     def _decode(self, request, clip) -> dict:
-        rgb, flow = decode_clip(clip, self.size)
+        medians = self.source.sampling.flow_center == "median"
+        rgb, flow, flow_median = decode_clip(clip, medians)
         return {"request": request, "index": clip.index, "rgb": rgb, "flow": flow,
-                "flip": clip.plan.flip, "skipped": clip.skipped}
+                "flow_median": flow_median, "flip": clip.plan.flip, "skipped": clip.skipped}
 
 
 def _collate(items: list[dict | None]) -> dict:
@@ -46,7 +47,7 @@ def _collate(items: list[dict | None]) -> dict:
         "flip": torch.tensor([i["flip"] for i in kept], dtype=torch.bool),
         "skipped": sum(i["skipped"] for i in kept) + (len(items) - len(kept)),
     }
-    for key in ("rgb", "flow"):
+    for key in ("rgb", "flow", "flow_median"):
         arrays = [i[key] for i in kept if i[key] is not None]
         out[key] = torch.stack([torch.from_numpy(a) for a in arrays]) if arrays else None
     return out
@@ -71,7 +72,7 @@ class CpuClipLoader:
         return len(self.schedule(self.epoch))
 
     def __iter__(self):
-        batches = self.schedule(self.epoch)
+        batches = [self.source.with_frame_limits(b) for b in self.schedule(self.epoch)]
         loader = DataLoader(
             _ClipDataset(self.source, self.size),
             batch_sampler=batches,
@@ -85,7 +86,8 @@ class CpuClipLoader:
             flow = self._or_empty(raw["flow"], self.source.use_flow, 2 * self.source.flow_length)
             views = None if self.schedule.num_views == 0 else [r.view for r in raw["requests"]]
             yield finish_batch(
-                self.source, raw["indices"], views, rgb, flow, raw["flip"], raw["skipped"]
+                self.source, raw["indices"], views, rgb, flow, raw["flip"], raw["skipped"],
+                raw["flow_median"],
             )
 
     def _or_empty(self, crops: torch.Tensor | None, used: bool, channels: int):

@@ -39,7 +39,9 @@ class _BatchCallback:
 
     def batches(self, epoch: int) -> list[list[ClipRequest]]:
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, [b for b in self.schedule(epoch) if b])  # DALI can't run empty
+            # DALI can't run empty batches
+            batches = [self.source.with_frame_limits(b) for b in self.schedule(epoch) if b]
+            self._cache = (epoch, batches)
         return self._cache[1]
 
     def __call__(self, info) -> tuple:
@@ -67,7 +69,7 @@ class _BatchCallback:
         raise RuntimeError(f"{self.source.index.folder}: no readable sample in the split")
 
     def _outputs(self, clips: list[tuple[EncodedClip, bool, int]]) -> tuple:
-        rgb, flow, boxes, flips, meta = [], [], [], [], []
+        rgb, flow, boxes, sizes, flips, meta = [], [], [], [], [], []
         two_l = 2 * self.source.flow_length
         for clip, keep, view in clips:
             b = clip.plan.box
@@ -78,6 +80,7 @@ class _BatchCallback:
                     stack = clip.flow[k * two_l : (k + 1) * two_l]
                     flow.append([np.frombuffer(x, np.uint8) for x in stack])
                 boxes.append(np.array([b.x, b.y, b.w, b.h], np.int32))
+                sizes.append(np.array(clip.plan.size, np.float32))  # (height, width) after resize
                 flips.append(np.array(int(clip.plan.flip), np.int32))
                 meta.append(
                     np.array([clip.index, clip.skipped, clip.plan.flip, keep, view], np.int64)
@@ -87,7 +90,7 @@ class _BatchCallback:
             outputs.append(rgb)
         if self.source.use_flow:
             outputs += [[fields[c] for fields in flow] for c in range(two_l)]
-        return (*outputs, boxes, flips, meta)
+        return (*outputs, boxes, sizes, flips, meta)
 
 
 def _build_pipeline(callback: _BatchCallback, max_positions: int, size: int, workers: int,
@@ -107,8 +110,8 @@ def _build_pipeline(callback: _BatchCallback, max_positions: int, size: int, wor
         prefetch_queue_depth=2,
     )
     def clip_pipeline():
-        *jpegs, boxes, flips, meta = fn.external_source(
-            callback, num_outputs=num_jpeg_outputs + 3, batch=True, batch_info=True,
+        *jpegs, boxes, sizes, flips, meta = fn.external_source(
+            callback, num_outputs=num_jpeg_outputs + 4, batch=True, batch_info=True,
             parallel=parallel,
         )
         anchor, shape = boxes[0:2], boxes[2:4]
@@ -121,7 +124,7 @@ def _build_pipeline(callback: _BatchCallback, max_positions: int, size: int, wor
                 normalized_shape=False, output_type=color, jpeg_fancy_upsampling=True,
                 device="mixed" if gpu else "cpu",
             )
-            image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR,
+            image = fn.resize(image, size=sizes, interp_type=types.INTERP_LINEAR,
                               antialias=False)
             return fn.flip(image, horizontal=flips)
 

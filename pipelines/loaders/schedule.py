@@ -29,6 +29,8 @@ class ClipRequest:
     index: int
     epoch: int = 0
     view: int = -1  # -1: a training clip
+    # full_frame test views: cut the frame to this (height, width), the batch's smallest frame
+    limit: tuple[int, int] | None = None
 
     @property
     def train(self) -> bool:

@@ -1,11 +1,15 @@
 """Wait until a Ray cluster has a given number of live nodes (used by ``slurm/ray_train.sh``).
 
-    python -m cluster.ray_nodes --address IP:PORT --nodes N [--timeout S] [--watch-pid PID]
+    python -m cluster.ray_nodes --address IP:PORT --nodes N [--timeout S] [--watch-pid PID] [--plan]
 
 Exits 0 once N nodes are alive, 1 on timeout or when the watched process (the head's
 ``ray start --block``) died first, so a job whose Ray did not come up fails within the timeout
 instead of waiting forever. Starting the training before every node joined would make Ray Train
 wait for the missing GPUs anyway, but with no message saying why.
+
+With ``--plan`` it prints the Ray Train workers the joined cluster has room for, as config
+overrides (:func:`worker_plan`): from the nodes' actual resources, so allocations with
+``--gpus=N``, ``--gpus-per-task`` or nodes with different GPU counts come out right.
 """
 
 from __future__ import annotations
@@ -28,10 +32,31 @@ def alive(pid: int | None) -> bool:
     return True
 
 
-def wait_for_nodes(address: str, nodes: int, timeout: float, watch_pid: int | None = None) -> int:
+def worker_plan(nodes: list[dict]) -> list[str]:
+    """Config overrides for the Ray Train workers of a cluster (``ray.nodes()`` entries).
+
+    Without GPUs: none (the config's ``cluster.num_workers`` and ``cluster.cpus_per_worker``
+    apply). With GPUs: one worker per GPU of every live node, and each worker gets the CPUs of
+    its node shared among that node's GPUs (the smallest share over the nodes, so every worker
+    fits), all but one of them for its data loader, so that a GPU job uses the CPUs SLURM
+    allocated (``--cpus-per-task``) instead of one per worker (Ray then also sets
+    ``OMP_NUM_THREADS`` to it).
+    """
+    gpu_nodes = [node["Resources"] for node in nodes
+                 if node.get("Alive") and node["Resources"].get("GPU", 0) >= 1]
+    if not gpu_nodes:
+        return []
+    workers = sum(int(resources["GPU"]) for resources in gpu_nodes)
+    cpus = max(1, min(int(resources.get("CPU", 0)) // int(resources["GPU"]) for resources in gpu_nodes))
+    return ["cluster.use_gpu=true", f"cluster.num_workers={workers}",
+            f"cluster.cpus_per_worker={cpus}", f"data.loader_workers={max(1, cpus - 1)}"]
+
+
+def wait_for_nodes(address: str, nodes: int, timeout: float, watch_pid: int | None = None,
+                   plan: list[str] | None = None) -> int:
     """Connect to ``address`` (retrying while its GCS starts) and wait for ``nodes`` live nodes.
 
-    Returns the number of live nodes; raises ``TimeoutError`` (or ``RuntimeError`` when
+    Returns the number of live nodes (and fills ``plan`` with :func:`worker_plan`); raises ``TimeoutError`` (or ``RuntimeError`` when
     ``watch_pid`` died) with a message that says how many nodes joined.
     """
     import ray
@@ -44,8 +69,11 @@ def wait_for_nodes(address: str, nodes: int, timeout: float, watch_pid: int | No
         try:
             if not ray.is_initialized():
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-            count = sum(1 for node in ray.nodes() if node["Alive"])
+            found = ray.nodes()
+            count = sum(1 for node in found if node["Alive"])
             if count >= nodes:
+                if plan is not None:
+                    plan.extend(worker_plan(found))
                 ray.shutdown()
                 return count
         except ConnectionError:
@@ -62,13 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, required=True, help="live nodes to wait for")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     parser.add_argument("--watch-pid", type=int, help="give up when this process (the head) exits")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the Ray Train workers' config overrides (see worker_plan)")
     args = parser.parse_args(argv)
+    plan: list[str] = []
     try:
-        count = wait_for_nodes(args.address, args.nodes, args.timeout, args.watch_pid)
+        count = wait_for_nodes(args.address, args.nodes, args.timeout, args.watch_pid, plan)
     except (TimeoutError, RuntimeError) as err:
         print(f"cluster.ray_nodes: {err}", file=sys.stderr)
         return 1
-    print(f"cluster.ray_nodes: {count} Ray nodes alive at {args.address}")
+    # On stderr: stdout is the plan, for the calling script.
+    print(f"cluster.ray_nodes: {count} Ray nodes alive at {args.address}", file=sys.stderr)
+    if args.plan:
+        print(" ".join(plan))
     return 0
 
 

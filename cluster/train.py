@@ -14,9 +14,11 @@ Ray and runs a ``TorchTrainer``. Each worker runs :func:`train_loop`:
   failure, and when a run with the same name is launched again in the same storage path), sets the
   loader to the saved epoch and skips the micro-batches that epoch already consumed, so the
   resumed run sees exactly the data, learning rates and dropout masks of an uninterrupted one;
-- SIGUSR1 to the driver (``slurm/ray_train.sh`` forwards SLURM's warning before a time limit or
-  preemption) makes every rank stop after the current step with a checkpoint; the command then
-  exits with ``EXIT_STOPPED`` (75) and the same run continues with ``train.resume=true``.
+- SIGUSR1 or SIGTERM to the driver (``slurm/ray_train.sh`` forwards SLURM's warning before a time
+  limit or preemption), or a stop request put in Ray's KV store by any node
+  (``cluster/stop_request.py``), makes every rank stop after the current step with a checkpoint;
+  the command then exits with ``EXIT_STOPPED`` (75) and the same run continues with
+  ``train.resume=true``. A second SIGTERM ends the driver at once.
 
 Also runnable against a running cluster::
 
@@ -29,7 +31,6 @@ import argparse
 import logging
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import threading
@@ -64,7 +65,6 @@ MODEL_FILE = "model.pt"
 INIT_CHECKPOINTS = ("appearance_checkpoint", "motion_checkpoint", "checkpoint")
 STATE_FILE = "train_state.pt"
 FAILURE_MARKER = "failure_injected"  # in the run folder: the injected failure already happened
-STOP_REQUEST = "stop_requested"  # in the run folder: checkpoint after the current step and stop
 EXIT_STOPPED = 75  # `stresnet train` stopped on request (EX_TEMPFAIL): resume the run later
 
 
@@ -280,12 +280,15 @@ def run_training(cfg: RunConfig) -> TrainResult:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    # Rank 0 polls this file (the run folder is shared storage; the driver may be on another node).
-    stop_request = run_dir / STOP_REQUEST
-    stop_request.unlink(missing_ok=True)  # the last launch's request (before a requeue) is done
+    # SIGUSR1/SIGTERM: checkpoint and stop, through Ray's KV store (cluster/stop_request.py).
+    from cluster.stop_request import clear_stop_request, install_stop_signals
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, lambda *_: request_stop(stop_request))
-    result = trainer.fit()
+        install_stop_signals(run_name)
+    try:
+        result = trainer.fit()
+    finally:
+        clear_stop_request(run_name)
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
     state = load_train_state(checkpoint) if checkpoint else {}
     return TrainResult(
@@ -297,13 +300,6 @@ def run_training(cfg: RunConfig) -> TrainResult:
         metrics=dict(result.metrics or {}),
         stopped=bool((result.metrics or {}).get("stopped_on_request")),
     )
-
-
-def request_stop(stop_request: Path) -> None:
-    """Ask the workers to checkpoint after their current step and stop (the SIGUSR1 handler)."""
-    stop_request.parent.mkdir(parents=True, exist_ok=True)
-    stop_request.touch()
-    progress(f"stop requested: checkpointing after the current step ({stop_request})")
 
 
 def load_train_state(checkpoint_dir: str | Path) -> dict:
@@ -321,6 +317,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from cluster import tracking
+    from cluster import stop_request
     from pipelines.loaders import build_loader
     from stresnet.model import build_model
 
@@ -445,7 +442,7 @@ def train_loop(loop_config: dict) -> None:
                 )
                 totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips, 0],
                                        dtype=torch.float64)
-            if rank == 0 and (run_dir / STOP_REQUEST).exists():
+            if rank == 0 and stop_request.stop_requested(loop_config["run_name"]):
                 totals[3] = 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

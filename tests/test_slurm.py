@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import tarfile
+from datetime import datetime, time, timezone
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from stresnet.config import dump_config, load_config
 SCRIPTS = REPO / "slurm"
 # What the test cluster offers instead of the scripts' GPU defaults: a Ray head on one node, a
 # Ray worker on the other (through srun), one Ray Train worker on each.
-SMALL = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+SMALL = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=500", "--time=15"]
 
 
 def run_script(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -35,13 +36,133 @@ def run_script(script: str, *args: str, **env: str) -> subprocess.CompletedProce
 
 
 def test_ray_ports_follow_the_job_id_and_the_address_the_interface():
+    # The loopback interface, named explicitly, is accepted (a one-node job).
     done = run_script("ray_node.sh", "address", SLURM_JOB_ID="1234", RAY_NODE_IFACE="lo")
-    assert done.stdout.strip() == "127.0.0.1:22340", done.stderr  # 20000 + 10 * (1234 % 1000)
-    done = run_script("ray_node.sh", "address", SLURM_JOB_ID="1234", RAY_PORT_BASE="40000",
+    assert done.stdout.strip() == "127.0.0.1:26510", done.stderr  # 20000 + 15 * (1234 % 800)
+    done = run_script("ray_node.sh", "address", SLURM_JOB_ID="1234", RAY_PORT_BASE="30000",
                       RAY_NODE_IFACE="lo")
-    assert done.stdout.strip() == "127.0.0.1:40000"
+    assert done.stdout.strip() == "127.0.0.1:30000"
     done = run_script("ray_node.sh", "address", SLURM_JOB_ID="1", RAY_NODE_IFACE="nosuchif0")
     assert done.returncode != 0 and "nosuchif0" in done.stderr
+
+
+def job_ports(job_id: int, **env: str) -> dict[str, int]:
+    done = run_script("ray_node.sh", "ports", SLURM_JOB_ID=str(job_id), **env)
+    assert done.returncode == 0, done.stderr
+    return {name: int(port) for name, port in (line.split("=") for line in done.stdout.split())}
+
+
+def test_every_ray_port_comes_from_one_base_below_the_ephemeral_range():
+    ports = job_ports(1234)
+    # Ray's fixed defaults (GCS 6379, client server 10001, dashboard 8265, agent 52365) and
+    # the ones it would pick itself: all set, all distinct, in one block below 32768.
+    assert {"gcs", "client_server", "dashboard", "head_agent", "worker_agent", "head_node_manager",
+            "worker_object_manager", "head_runtime_env"} <= set(ports)
+    assert sorted(ports.values()) == list(range(26510, 26510 + len(ports)))
+    assert all(1024 <= port < 32768 for job in range(0, 5000, 97) for port in job_ports(job).values())
+    # RAY_PORT_BASE moves all of them.
+    assert sorted(job_ports(1234, RAY_PORT_BASE="25000").values()) == list(range(25000, 25000 + len(ports)))
+
+
+def test_jobs_150_ids_apart_share_no_port():
+    # They used to share their worker port ranges (30000 + 200 * (id % 150)).
+    for job in (1234, 0, 799):
+        assert not set(job_ports(job).values()) & set(job_ports(job + 150).values())
+        assert not set(job_ports(job).values()) & set(job_ports(job + 1).values())
+
+
+def test_a_port_base_that_reaches_the_ephemeral_range_is_refused():
+    for base in ("32760", "40000", "80", "lots"):
+        done = run_script("ray_node.sh", "ports", SLURM_JOB_ID="1", RAY_PORT_BASE=base)
+        assert done.returncode == 2 and f"RAY_PORT_BASE={base}: expected 1024..32753" in done.stderr
+
+
+def test_a_loopback_head_address_is_refused_with_a_hint():
+    """A node without a default route: Ray falls back to the host name, i.e. 127.0.x.x."""
+    probe = subprocess.run(["unshare", "--net", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("needs `unshare --net` (root) for a network without a default route")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RAY_"))}
+    done = subprocess.run(["unshare", "--net", "bash", str(SCRIPTS / "ray_node.sh"), "address"],
+                          env={**clean, "SLURM_JOB_ID": "1"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert "loopback address 127." in done.stderr and "set RAY_NODE_IFACE" in done.stderr
+
+
+def test_ray_memory_follows_the_job_limit():
+    def memory(**env: str) -> list[str]:
+        return run_script("ray_node.sh", "memory", SLURM_JOB_ID="1", **env).stdout.split()
+
+    mib = 1024 * 1024
+    # --mem=1000 (MiB per node): object store 30%, the rest for tasks, not the machine's RAM.
+    assert memory(SLURM_MEM_PER_NODE="1000") == [f"--memory={1000 * mib * 7 // 10}",
+                                                  f"--object-store-memory={1000 * mib * 3 // 10}"]
+    # --mem-per-cpu=100 with 4 CPUs on this node.
+    assert memory(SLURM_MEM_PER_CPU="100", SLURM_CPUS_ON_NODE="4") == [
+        f"--memory={400 * mib * 7 // 10}", f"--object-store-memory={400 * mib * 3 // 10}"]
+    assert memory(SLURM_MEM_PER_NODE="0") == []  # --mem=0: the whole node, Ray's own sizing
+    assert memory() == []
+    for wrapper in ("train_ucf101.sh", "train_hmdb51.sh"):
+        assert re.search(r"^#SBATCH --mem=\d+G$", (SCRIPTS / wrapper).read_text(), re.MULTILINE)
+
+
+def ray_node(resources: dict[str, float], alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": resources}
+
+
+def test_gpu_workers_come_from_the_joined_cluster():
+    from cluster.ray_nodes import worker_plan
+
+    # --gpus-per-node=4 --cpus-per-task=32 on 2 nodes: 8 workers, 8 CPUs each, 7 for loading.
+    assert worker_plan([ray_node({"CPU": 32, "GPU": 4}), ray_node({"CPU": 32, "GPU": 4})]) == [
+        "cluster.use_gpu=true", "cluster.num_workers=8", "cluster.cpus_per_worker=8",
+        "data.loader_workers=7"]
+    # --gpus=4 spread 3 + 1 over two nodes (not "head GPUs x nodes" = 6): every worker must fit,
+    # so the smaller share of CPUs per GPU.
+    assert worker_plan([ray_node({"CPU": 24, "GPU": 3}), ray_node({"CPU": 16, "GPU": 1})]) == [
+        "cluster.use_gpu=true", "cluster.num_workers=4", "cluster.cpus_per_worker=8",
+        "data.loader_workers=7"]
+    # A node without GPUs and a dead node do not count; one CPU per GPU leaves one loader worker.
+    assert worker_plan([ray_node({"CPU": 2, "GPU": 2}), ray_node({"CPU": 64}),
+                        ray_node({"CPU": 8, "GPU": 8}, alive=False)]) == [
+        "cluster.use_gpu=true", "cluster.num_workers=2", "cluster.cpus_per_worker=1",
+        "data.loader_workers=1"]
+    # CPU only: the config decides.
+    assert worker_plan([ray_node({"CPU": 1}), ray_node({"CPU": 1})]) == []
+
+
+def fake_slurm_commands(folder: Path, sbatch_exit: int = 0) -> dict[str, str]:
+    """An `sbatch` that records its arguments, and a venv whose `stresnet` records its own."""
+    bin_dir, venv_bin = folder / "bin", folder / "venv" / "bin"
+    for path, status in ((bin_dir / "sbatch", sbatch_exit), (venv_bin / "stresnet", 0)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "{folder}/{path.name}.args"\n'
+                        f'echo 4242\nexit {status}\n')
+        path.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(folder / "venv")}
+
+
+ARRAY_TASK_0 = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
+                "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_NAME": "shards"}
+
+
+def test_finalize_job_gets_the_array_account_partition_and_qos(tmp_path):
+    env = fake_slurm_commands(tmp_path)
+    done = run_script("make_shards.sh", **ARRAY_TASK_0, **env, STRESNET_DIR=str(REPO),
+                      SLURM_JOB_ACCOUNT="proj42", SLURM_JOB_PARTITION="cpu", SLURM_JOB_QOS="long")
+    assert done.returncode == 0, done.stderr
+    submitted = (tmp_path / "sbatch.args").read_text().splitlines()
+    assert {"--account=proj42", "--partition=cpu", "--qos=long", "--dependency=afterok:77"} <= set(submitted)
+    assert "finalize job 4242" in done.stdout
+    assert "shards.partition=0" in (tmp_path / "stresnet.args").read_text().splitlines()
+
+
+def test_a_failed_finalize_submission_does_not_stop_the_task(tmp_path):
+    env = fake_slurm_commands(tmp_path, sbatch_exit=1)
+    done = run_script("make_shards.sh", **ARRAY_TASK_0, **env, STRESNET_DIR=str(REPO))
+    assert done.returncode == 0, done.stderr
+    assert "could not submit the finalize job" in done.stderr and "--finalize" in done.stderr
+    assert "shards.partition=0" in (tmp_path / "stresnet.args").read_text().splitlines()
 
 
 def test_ray_gets_the_gpus_slurm_allocated():
@@ -82,10 +203,34 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_shards(tmp_path_factory.mktemp("tiny"))
 
 
-def submit_training(slurm: SlurmCluster, tiny: Path, workdir: Path, *overrides: str) -> int:
+def submit_training(slurm: SlurmCluster, tiny: Path, workdir: Path, *overrides: str,
+                    sbatch: tuple[str, ...] = (), env: dict[str, str] | None = None) -> int:
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
-    return slurm.sbatch([*SMALL, str(SCRIPTS / "train_ucf101.sh"), *overrides], cwd=workdir,
-                        env={"CONFIG": str(tiny), "STRESNET_DIR": str(REPO)})
+    return slurm.sbatch([*SMALL, *sbatch, str(SCRIPTS / "train_ucf101.sh"), *overrides], cwd=workdir,
+                        env={"CONFIG": str(tiny), "STRESNET_DIR": str(REPO), **(env or {})})
+
+
+def wait_for_log(slurm: SlurmCluster, job_id: int, log: Path, text: str, timeout: float = 300) -> None:
+    slurm.wait_until(job_id, lambda job: log.exists() and text in log.read_text(), timeout=timeout)
+
+
+def log_time(log: str, message: str) -> datetime:
+    """When ray_train.sh logged ``message`` (its lines start "ray_train.sh [HH:MM:SS]"), today."""
+    stamp = re.search(r"ray_train\.sh \[(\d\d:\d\d:\d\d)\] [^\n]*" + re.escape(message), log).group(1)
+    return datetime.combine(datetime.now(timezone.utc).date(), time.fromisoformat(stamp), timezone.utc)
+
+
+def assert_resumed_and_complete(log: str, tiny: Path, job_id: int) -> int:
+    """The job's run went on from a checkpoint to the planned last step, every step logged once
+    at least; returns the step it resumed at."""
+    steps = planned_steps(log)
+    resumed = re.search(r"resumed at step (\d+)", log)
+    assert resumed and 0 < int(resumed.group(1)) < steps, log[-3000:]
+    assert f"steps:      {steps}" in log, log[-3000:]
+    run = tiny.parent / "runs" / f"stresnet-ucf101-{job_id}"
+    assert (run / f"checkpoint_{steps:07d}" / "model.pt").is_file()
+    assert sorted(loss_history(tiny, mlflow_run_id(log))) == list(range(1, steps + 1))
+    return int(resumed.group(1))
 
 
 def job_log(workdir: Path, job_id: int) -> str:
@@ -99,10 +244,19 @@ def assert_no_ray_left(job_id: int) -> None:
     assert found.stdout == "", f"Ray processes of job {job_id} still running: {found.stdout}"
 
 
+def only_exported(**variables: str | None) -> str:
+    """sbatch --export without ALL: the job, and any srun in it (SLURM_EXPORT_ENV), get these
+    variables (and SLURM_*) only, as with a site's --export=NONE default."""
+    return "--export=" + ",".join(f"{name}={value}" for name, value in variables.items() if value)
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_training_job_completes(slurm, tiny, tmp_path):
-    job_id = submit_training(slurm, tiny, tmp_path)
+def test_training_job_completes_without_the_submit_environment(slurm, tiny, tmp_path):
+    # As at sites that default to --export=NONE: only what a user must pass (PYTHONPATH: where
+    # the venv's editable install points elsewhere, as in a developer's worktree).
+    export = only_exported(CONFIG=str(tiny), STRESNET_DIR=str(REPO), PYTHONPATH=os.environ.get("PYTHONPATH"))
+    job_id = submit_training(slurm, tiny, tmp_path, sbatch=(export,))
     job = slurm.wait(job_id, timeout=400)[0]
     log = job_log(tmp_path, job_id)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]

@@ -190,9 +190,9 @@ os.execv(sys.argv[1], sys.argv[1:])
 ray_pid=$!
 stopping=0
 on_preemption() {
-    [[ -n ${RAY_RUN_NAME:-} && -n ${RAY_HEAD_ADDRESS:-} ]] || return 0
+    ((stopping == 0)) && [[ -n ${RAY_RUN_NAME:-} && -n ${RAY_HEAD_ADDRESS:-} ]] || return 0
     echo "ray_node.sh: SIGTERM on $(hostname) (preemption?): asking run $RAY_RUN_NAME to checkpoint and stop" >&2
-    "$venv/bin/python" -m cluster.stop_request --address "$RAY_HEAD_ADDRESS" --run "$RAY_RUN_NAME" >&2 || true
+    timeout 60 "$venv/bin/python" -m cluster.stop_request --address "$RAY_HEAD_ADDRESS" --run "$RAY_RUN_NAME" >&2 || true
 }
 trap on_preemption TERM
 trap 'stopping=1; kill -INT "$ray_pid" 2>/dev/null || true' USR2 INT

@@ -296,6 +296,77 @@ def test_warning_signal_checkpoints_and_requeues(slurm, tiny, tmp_path):
     assert_no_ray_left(job_id)
 
 
+def worker_node_raylet(job_id: int) -> int:
+    """The pid of the raylet of the job's worker node (started by `ray start --address=...`)."""
+    def cmdline(pid: str) -> list[str]:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            return []
+
+    pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
+    starts = {pid for pid in pids if "start" in cmdline(pid) and f"--temp-dir=/tmp/ray-{job_id}" in cmdline(pid)
+              and any(arg.startswith("--address=") for arg in cmdline(pid))}
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        parent = stat.rsplit(")", 1)[1].split()[1]
+        if parent in starts and stat.split("(", 1)[1].startswith("raylet)"):
+            return int(pid)
+    raise AssertionError(f"no worker-node raylet of job {job_id} found")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_dead_raylet_requeues_the_job_and_the_run_resumes(slurm, tiny, tmp_path):
+    """The raylet of the worker node dies, the machine stays up: before, Ray Train waited for
+    the lost node's resources until the job's time limit (TIMEOUT, not requeued)."""
+    job_id = submit_training(slurm, tiny, tmp_path, env={"RAY_NODE_LOSS_GRACE": "20"})
+    logs = tmp_path / "logs" / f"stresnet-ucf101-{job_id}.out"
+    wait_for_log(slurm, job_id, logs, "(total 5/")  # after the checkpoint at step 4
+    os.kill(worker_node_raylet(job_id), 9)
+    killed = datetime.now(timezone.utc)
+    job = slurm.wait(job_id, timeout=600)[0]
+    log = logs.read_text()
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert "a Ray worker node (the srun step) exited: asking the training to checkpoint" in log
+    requeued = log_time(log, f"requeueing job {job_id} to resume from the last checkpoint")
+    print(f"raylet killed -> requeue: {(requeued - killed).total_seconds():.0f} s")
+    assert f"job {job_id} (restart 1)" in log
+    # From the latest checkpoint Ray Train had registered (it registers them every 2 s or so).
+    assert_resumed_and_complete(log, tiny, job_id)
+    assert_no_ray_left(job_id)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_preemption_checkpoints_within_the_grace_time_and_the_run_resumes(slurm, tiny, tmp_path):
+    """A job of a higher-tier partition needs the nodes: SLURM sends SIGTERM to the job's steps
+    (the srun'd Ray worker node, not the batch script) and kills the job GraceTime later.
+    Before, that SIGTERM killed the worker node's Ray at once: no checkpoint, a failed run."""
+    job_id = submit_training(slurm, tiny, tmp_path)
+    logs = tmp_path / "logs" / f"stresnet-ucf101-{job_id}.out"
+    wait_for_log(slurm, job_id, logs, "(total 3/")
+    urgent = slurm.sbatch(["--partition=urgent", "--nodes=1", "--cpus-per-task=1", "--mem=100",
+                           "--time=2", f"--output={tmp_path}/logs/urgent-%j.out", "--wrap=true"], cwd=tmp_path)
+    preempted = datetime.now(timezone.utc)
+    job = slurm.wait(job_id, timeout=600)[0]
+    log = logs.read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert int(job["Restarts"]) >= 1
+    assert slurm.jobs(urgent)[0]["JobState"] == "COMPLETED"
+    assert "SIGTERM on" in log and "asking run stresnet-ucf101-" in log  # from the worker node
+    stopped = re.search(r"stopped on request at step (\d+)", log)
+    assert stopped, log[-3000:]
+    checkpointed = log_time(log, f"training stopped at a checkpoint (status 75): requeueing job {job_id}")
+    print(f"preemption -> checkpoint and requeue: {(checkpointed - preempted).total_seconds():.0f} s")
+    assert (checkpointed - preempted).total_seconds() < SlurmCluster.GRACE_TIME
+    assert assert_resumed_and_complete(log, tiny, job_id) == int(stopped.group(1))
+    assert_no_ray_left(job_id)
+
+
 def read_samples(shards: Path) -> dict[str, dict[str, bytes]]:
     """Every sample in the manifest's shards: key -> {member suffix: bytes}."""
     manifest = fmt.read_manifest(shards)

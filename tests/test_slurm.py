@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import sys
 import tarfile
+import time as clock
 from datetime import datetime, time, timezone
 from pathlib import Path
 
@@ -296,25 +299,47 @@ def test_warning_signal_checkpoints_and_requeues(slurm, tiny, tmp_path):
     assert_no_ray_left(job_id)
 
 
+def parents() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command name) of every process on the machine."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        found[int(entry.name)] = (int(rest.split()[1]), name)
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, their children and so on (what proctrack/linuxproc
+    signals when SLURM signals a job step)."""
+    table, found, todo = parents(), [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = [child for child, (ppid, _) in table.items() if ppid == parent]
+        found += children
+        todo += children
+    return found
+
+
 def worker_node_raylet(job_id: int) -> int:
     """The pid of the raylet of the job's worker node (started by `ray start --address=...`)."""
-    def cmdline(pid: str) -> list[str]:
+    def cmdline(pid: int) -> list[str]:
         try:
             return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             return []
 
-    pids = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()]
-    starts = {pid for pid in pids if "start" in cmdline(pid) and f"--temp-dir=/tmp/ray-{job_id}" in cmdline(pid)
+    table = parents()
+    starts = {pid for pid in table if "start" in cmdline(pid) and f"--temp-dir=/tmp/ray-{job_id}" in cmdline(pid)
               and any(arg.startswith("--address=") for arg in cmdline(pid))}
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        parent = stat.rsplit(")", 1)[1].split()[1]
-        if parent in starts and stat.split("(", 1)[1].startswith("raylet)"):
-            return int(pid)
+    for pid, (parent, name) in table.items():
+        if parent in starts and name == "raylet":
+            return pid
     raise AssertionError(f"no worker-node raylet of job {job_id} found")
 
 
@@ -367,6 +392,72 @@ def test_preemption_checkpoints_within_the_grace_time_and_the_run_resumes(slurm,
     assert_no_ray_left(job_id)
 
 
+def start_ray_head(job_id: int, log: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
+    """`ray_node.sh head` as job ``job_id``'s batch script runs it (its own token), on this machine."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RAY_"))}
+    env = {**clean, "SLURM_JOB_ID": str(job_id), "SLURM_CPUS_ON_NODE": "1", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": os.urandom(32).hex(), "RAY_USAGE_STATS_ENABLED": "0"}
+    address = subprocess.run(["bash", str(SCRIPTS / "ray_node.sh"), "address"], env=env, capture_output=True,
+                             text=True, check=True, timeout=60).stdout.strip()
+    with open(log, "wb") as out:
+        head = subprocess.Popen(["bash", str(SCRIPTS / "ray_node.sh"), "head"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    return head, address, env
+
+
+def ray_tasks_run(address: str, env: dict[str, str]) -> str:
+    """A driver on the cluster at ``address`` runs a few tasks (their workers bind ports)."""
+    done = subprocess.run([sys.executable, "-c", """
+import os, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+pid = ray.remote(num_cpus=0)(lambda: os.getpid())
+print(len(set(ray.get([pid.remote() for _ in range(4)]))), "worker(s)")
+""", address], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_two_jobs_150_ids_apart_run_ray_on_one_node_and_sigterm_does_not_stop_it(tmp_path):
+    """Two jobs' Ray heads on one machine: they used to share Ray's worker port range
+    (30000 + 200 * (job id % 150)). Then SLURM's preemption SIGTERM to every process of one
+    job: its Ray keeps running (the run must be able to checkpoint); SIGUSR2 stops it."""
+    heads = {}
+    try:
+        for job_id in (4100, 4250):  # one after the other: Ray gives a node 30 s to start
+            heads[job_id] = head, address, env = start_ray_head(job_id, tmp_path / f"head-{job_id}.log")
+            done = subprocess.run([sys.executable, "-m", "cluster.ray_nodes", "--address", address, "--nodes", "1",
+                                   "--timeout", "240", "--watch-pid", str(head.pid)], env=env,
+                                  capture_output=True, text=True, timeout=400)
+            assert done.returncode == 0, (done.stderr, (tmp_path / f"head-{job_id}.log").read_text()[-3000:])
+        for head, address, env in heads.values():
+            assert "worker(s)" in ray_tasks_run(address, env)
+        # SIGTERM to every process of job 4100 (as slurmstepd does), then its Ray still works.
+        head, address, env = heads[4100]
+        job_processes = [head.pid, *descendants(head.pid)]
+        assert len(job_processes) > 3
+        for pid in job_processes:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        clock.sleep(10)
+        assert head.poll() is None, (tmp_path / "head-4100.log").read_text()[-3000:]
+        assert "worker(s)" in ray_tasks_run(address, env)
+    finally:
+        for head, _, _ in heads.values():
+            if head.poll() is None:
+                head.send_signal(signal.SIGUSR2)  # stops this node
+        for job_id, (head, _, _) in heads.items():
+            try:
+                assert head.wait(timeout=120) == 0, (tmp_path / f"head-{job_id}.log").read_text()[-3000:]
+            finally:
+                if head.poll() is None:
+                    head.kill()
+    for job_id in heads:
+        assert_no_ray_left(job_id)
+
+
 def read_samples(shards: Path) -> dict[str, dict[str, bytes]]:
     """Every sample in the manifest's shards: key -> {member suffix: bytes}."""
     manifest = fmt.read_manifest(shards)
@@ -388,8 +479,9 @@ def test_shard_array_matches_one_process(slurm, tiny, tmp_path):
     # The videos already exist (the tiny fixture made them); the tasks only read them.
     config = tmp_path / "array.yaml"
     dump_config(load_config(tiny, [f"shards.output={out}"]), config)
+    # Not the default partition: the finalize job must run where the array runs.
     array_id = slurm.sbatch(
-        ["--array=0-2", "--cpus-per-task=1", "--time=10", str(SCRIPTS / "make_shards.sh")],
+        ["--array=0-2", "--cpus-per-task=1", "--time=10", "--partition=urgent", str(SCRIPTS / "make_shards.sh")],
         cwd=tmp_path, env={"CONFIG": str(config), "STRESNET_DIR": str(REPO)},
     )
     tasks = slurm.wait(array_id, timeout=300)
@@ -398,6 +490,7 @@ def test_shard_array_matches_one_process(slurm, tiny, tmp_path):
     finalize_id = int(re.search(r"finalize job (\d+)", first_log).group(1))
     finalize = slurm.wait(finalize_id, timeout=120)[0]
     assert finalize["JobState"] == "COMPLETED", [p.read_text() for p in (tmp_path / "logs").glob("*finalize*")]
+    assert finalize["Partition"] == "urgent"
     written = {(split, partition) for split in ("train", "test") for partition in range(3)
                if (out / fmt.shard_name(split, partition, 0)).is_file()}
     assert len(written) == 6  # every task wrote its partition of both splits

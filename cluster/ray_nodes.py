@@ -2,9 +2,9 @@
 
     python -m cluster.ray_nodes --address IP:PORT --nodes N [--timeout S] [--watch-pid PID] [--plan]
 
-Exits 0 once N nodes are alive, 1 on timeout or when the watched process (the head's
-``ray start --block``) died first, so a job whose Ray did not come up fails within the timeout
-instead of waiting forever. Starting the training before every node joined would make Ray Train
+Exits 0 once N nodes are alive, 1 on timeout or when a watched process (the head's
+``ray start --block``, the ``srun`` of the worker nodes) died first, so a job whose Ray did not
+come up fails at once or within the timeout instead of waiting forever. Starting the training before every node joined would make Ray Train
 wait for the missing GPUs anyway, but with no message saying why.
 
 With ``--plan`` it prints the Ray Train workers the joined cluster has room for, as config
@@ -20,9 +20,7 @@ import sys
 import time
 
 
-def alive(pid: int | None) -> bool:
-    if pid is None:
-        return True
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,20 +50,22 @@ def worker_plan(nodes: list[dict]) -> list[str]:
             f"cluster.cpus_per_worker={cpus}", f"data.loader_workers={max(1, cpus - 1)}"]
 
 
-def wait_for_nodes(address: str, nodes: int, timeout: float, watch_pid: int | None = None,
+def wait_for_nodes(address: str, nodes: int, timeout: float, watch_pids: tuple[int, ...] = (),
                    plan: list[str] | None = None) -> int:
     """Connect to ``address`` (retrying while its GCS starts) and wait for ``nodes`` live nodes.
 
+    Gives up as soon as one of ``watch_pids`` (the processes running the nodes) exits.
     Returns the number of live nodes (and fills ``plan`` with :func:`worker_plan`); raises ``TimeoutError`` (or ``RuntimeError`` when
-    ``watch_pid`` died) with a message that says how many nodes joined.
+    a watched process died) with a message that says how many nodes joined.
     """
     import ray
 
     deadline = time.monotonic() + timeout
     count = 0
     while True:
-        if not alive(watch_pid):
-            raise RuntimeError(f"the Ray head (pid {watch_pid}) exited before the cluster was up")
+        for pid in watch_pids:
+            if not alive(pid):
+                raise RuntimeError(f"a Ray node's process (pid {pid}) exited before the cluster was up")
         try:
             if not ray.is_initialized():
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="the head's GCS address, ip:port")
     parser.add_argument("--nodes", type=int, required=True, help="live nodes to wait for")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
-    parser.add_argument("--watch-pid", type=int, help="give up when this process (the head) exits")
+    parser.add_argument("--watch-pid", type=int, action="append", default=[],
+                        help="give up when this process (a node's) exits; may be repeated")
     parser.add_argument("--plan", action="store_true",
                         help="print the Ray Train workers' config overrides (see worker_plan)")
     args = parser.parse_args(argv)
     plan: list[str] = []
     try:
-        count = wait_for_nodes(args.address, args.nodes, args.timeout, args.watch_pid, plan)
+        count = wait_for_nodes(args.address, args.nodes, args.timeout, tuple(args.watch_pid), plan)
     except (TimeoutError, RuntimeError) as err:
         print(f"cluster.ray_nodes: {err}", file=sys.stderr)
         return 1

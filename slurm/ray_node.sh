@@ -195,7 +195,8 @@ on_preemption() {
     timeout 60 "$venv/bin/python" -m cluster.stop_request --address "$RAY_HEAD_ADDRESS" --run "$RAY_RUN_NAME" >&2 || true
 }
 trap on_preemption TERM
-trap 'stopping=1; kill -INT "$ray_pid" 2>/dev/null || true' USR2 INT
+trap 'stopping=1; kill -INT "$ray_pid" 2>/dev/null || true' USR2
+trap '' INT  # a Ctrl-C reaches `ray start` itself (an interactive srun): once is enough
 status=0
 while true; do  # `wait` returns whenever a trapped signal arrives: wait until Ray is gone
     status=0

@@ -163,7 +163,7 @@ local join_timeout=${RAY_JOIN_TIMEOUT:-300}
 # `timeout` as well: one connection attempt to a GCS that never comes up can itself take a minute.
 # It prints the workers the joined cluster has room for (GPU jobs: see cluster/ray_nodes.py).
 if ! plan=$(timeout --kill-after=10 $((join_timeout + 90)) "$python" -m cluster.ray_nodes \
-    --address "$RAY_HEAD_ADDRESS" --nodes "$nodes" --timeout "$join_timeout" --watch-pid "$head_pid" --plan); then
+    --address "$RAY_HEAD_ADDRESS" --nodes "$nodes" --timeout "$join_timeout" --watch-pid "$head_pid" ${workers_pid:+--watch-pid "$workers_pid"} --plan); then
     exit 1
 fi
 

@@ -4,8 +4,9 @@
 
 Exits 0 once N nodes are alive, 1 on timeout or when a watched process (the head's
 ``ray start --block``, the ``srun`` of the worker nodes) died first, so a job whose Ray did not
-come up fails at once or within the timeout instead of waiting forever. Starting the training before every node joined would make Ray Train
-wait for the missing GPUs anyway, but with no message saying why.
+come up fails at once or within the timeout instead of waiting forever. Starting the training
+before every node joined would make Ray Train wait for the missing GPUs anyway, but with no
+message saying why.
 
 With ``--plan`` it prints the Ray Train workers the joined cluster has room for, as config
 overrides (:func:`worker_plan`): from the nodes' actual resources, so allocations with
@@ -54,9 +55,10 @@ def wait_for_nodes(address: str, nodes: int, timeout: float, watch_pids: tuple[i
                    plan: list[str] | None = None) -> int:
     """Connect to ``address`` (retrying while its GCS starts) and wait for ``nodes`` live nodes.
 
-    Gives up as soon as one of ``watch_pids`` (the processes running the nodes) exits.
-    Returns the number of live nodes (and fills ``plan`` with :func:`worker_plan`); raises ``TimeoutError`` (or ``RuntimeError`` when
-    a watched process died) with a message that says how many nodes joined.
+    Gives up as soon as one of ``watch_pids`` (the processes running the nodes) exits. Returns
+    the number of live nodes (and fills ``plan`` with :func:`worker_plan`); raises
+    ``TimeoutError`` (or ``RuntimeError`` when a watched process died) with a message that says
+    how many nodes joined.
     """
     import ray
 

@@ -181,13 +181,18 @@ echo "ray_node.sh: Ray $role on $(hostname) at $ip, ports from $base, temp dir $
 # SIGTERM blocked for Ray and everything it starts (a blocked signal stays pending, whatever
 # handler a process installs, and the mask is inherited); SIGINT back to its default, which
 # background jobs of a script ignore, so that `ray start` stops its node on SIGINT.
-"$venv/bin/python" -c '
+# Its output also goes to a file: did this node ever start?
+start_log=$temp_dir/ray-start-$role-$$.log
+mkdir -p "$temp_dir"
+start_ray() {
+    "$venv/bin/python" -c '
 import os, signal, sys
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.execv(sys.argv[1], sys.argv[1:])
-' "$venv/bin/ray" start "${args[@]}" &
-ray_pid=$!
+' "$venv/bin/ray" start "${args[@]}" > >(tee "$start_log" >&2) 2>&1 &
+    ray_pid=$!
+}
 stopping=0
 on_preemption() {
     ((stopping == 0)) && [[ -n ${RAY_RUN_NAME:-} && -n ${RAY_HEAD_ADDRESS:-} ]] || return 0
@@ -197,11 +202,19 @@ on_preemption() {
 trap on_preemption TERM
 trap 'stopping=1; kill -INT "$ray_pid" 2>/dev/null || true' USR2
 trap '' INT  # a Ctrl-C reaches `ray start` itself (an interactive srun): once is enough
-status=0
-while true; do  # `wait` returns whenever a trapped signal arrives: wait until Ray is gone
-    status=0
-    wait "$ray_pid" || status=$?
-    kill -0 "$ray_pid" 2>/dev/null || break
+# Ray gives a starting node 30 s to register with the GCS; many nodes joining at once (or an
+# overloaded machine) can miss that: a node that fails before it started tries again, up to 3
+# times. A node that exits later is lost: ray_train.sh notices and requeues the job.
+for attempt in 1 2 3; do
+    start_ray
+    while true; do  # `wait` returns whenever a trapped signal arrives: wait until Ray is gone
+        status=0
+        wait "$ray_pid" || status=$?
+        kill -0 "$ray_pid" 2>/dev/null || break
+    done
+    ((stopping == 0 && status != 0)) && ! grep -q "Ray runtime started" "$start_log" || break
+    echo "ray_node.sh: Ray did not start on $(hostname) (attempt $attempt, status $status)" >&2
+    sleep 5
 done
 ((stopping)) && status=0  # stopped on request: whatever Ray's exit status says
 [[ -n ${RAY_TEMP_DIR:-} ]] || rm -rf "$temp_dir"

@@ -51,17 +51,19 @@ def clear_stop_request(run_name: str) -> None:
 
 def install_stop_signals(run_name: str) -> None:
     """In the driver (main thread, after ``ray.init``, which installs its own SIGTERM handler):
-    SIGUSR1 and SIGTERM raise the stop request. SIGTERM is what a SLURM preemption or a
-    ``scancel --full`` sends every process of the job; a second one ends the driver at once
-    (``slurm/ray_train.sh`` sends it when the run cannot stop by itself, e.g. after losing a node).
+    SIGUSR1 and SIGTERM raise the stop request (SIGTERM: what SLURM sends a job it preempts or
+    cancels, and ``kill``'s default); a second SIGTERM ends the driver at once
+    (``slurm/ray_train.sh`` sends two when the run cannot stop by itself, e.g. after losing a
+    node). SIGUSR1 never ends it: the batch script sends one along with SLURM's SIGTERM.
     """
-    requested = False
+    terms = 0
 
     def on_signal(signum: int, frame) -> None:
-        nonlocal requested
-        if signum == signal.SIGTERM and requested:
-            raise SystemExit(128 + signum)
-        requested = True
+        nonlocal terms
+        if signum == signal.SIGTERM:
+            terms += 1
+            if terms > 1:
+                raise SystemExit(128 + signum)
         try:
             request_stop(run_name)
         except Exception as err:  # noqa: BLE001 - the GCS is gone: nothing left to stop cleanly

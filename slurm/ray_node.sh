@@ -12,7 +12,7 @@
 # machine, whereas `ray stop` would stop every Ray on it, other jobs' included.
 #
 # Signals (head and worker):
-#   SIGTERM  is SLURM's preemption notice (or `scancel --signal=TERM --full`): this node raises
+#   SIGTERM  is SLURM's preemption notice (to the job's steps, i.e. the worker nodes): this node raises
 #            the run's stop request (cluster/stop_request.py, through the head's GCS) and keeps
 #            Ray running, so the run can checkpoint within the grace time. Ray's own processes
 #            are started with SIGTERM blocked: SLURM signals every process of a job step, and

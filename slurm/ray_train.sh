@@ -27,8 +27,8 @@
 #   3. runs `python -m cluster.train` against it; with GPUs, one Ray Train worker per GPU of the
 #      joined cluster, each with the CPUs of its node divided among that node's GPUs
 #      (cluster.cpus_per_worker, data.loader_workers: see cluster/ray_nodes.py);
-#   4. on SLURM's warning signal (USR1, see --signal in the wrappers) or a SIGTERM (preemption,
-#      `scancel --signal=TERM --full`) it tells the driver to checkpoint and stop (SIGUSR1,
+#   4. on SLURM's warning signal (USR1, see --signal in the wrappers) or a SIGTERM to this
+#      script (a one-node job's preemption at some sites) it tells the driver to checkpoint and stop (SIGUSR1,
 #      handled by cluster/train.py), stops Ray and requeues the job; the worker nodes raise the
 #      same request when SLURM's preemption SIGTERM reaches them (slurm/ray_node.sh). The
 #      requeued job (SLURM_RESTART_COUNT > 0) passes train.resume=true and continues that run

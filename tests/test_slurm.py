@@ -392,26 +392,6 @@ def test_preemption_checkpoints_within_the_grace_time_and_the_run_resumes(slurm,
     assert_no_ray_left(job_id)
 
 
-@pytest.mark.slow
-@pytest.mark.slurm
-def test_sigterm_to_every_process_of_the_job_checkpoints_and_requeues(slurm, tiny, tmp_path):
-    """`scancel --signal=TERM --full`: what sites that signal the whole job on preemption send.
-    Before, the batch script exited, the driver and every Ray process died: no checkpoint."""
-    job_id = submit_training(slurm, tiny, tmp_path)
-    logs = tmp_path / "logs" / f"stresnet-ucf101-{job_id}.out"
-    wait_for_log(slurm, job_id, logs, "(total 3/")
-    slurm.run(["scancel", "--signal=TERM", "--full", str(job_id)])
-    job = slurm.wait(job_id, timeout=600)[0]
-    log = logs.read_text()
-    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
-    assert "SIGTERM (preemption?): asking the training to checkpoint and stop" in log
-    stopped = re.search(r"stopped on request at step (\d+)", log)
-    assert stopped, log[-3000:]
-    assert f"training stopped at a checkpoint (status 75): requeueing job {job_id}" in log
-    assert assert_resumed_and_complete(log, tiny, job_id) == int(stopped.group(1))
-    assert_no_ray_left(job_id)
-
-
 def start_ray_head(job_id: int, log: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
     """`ray_node.sh head` as job ``job_id``'s batch script runs it (its own token), on this machine."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RAY_"))}

@@ -50,6 +50,8 @@ def test_the_driver_takes_sigterm_as_a_stop_request_and_a_second_one_as_the_end(
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         install_stop_signals("run-c")
+        os.kill(os.getpid(), signal.SIGUSR1)  # the batch script's, along with SLURM's SIGTERM
+        assert stop_requested("run-c")
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop_requested("run-c")
         with pytest.raises(SystemExit) as ended:

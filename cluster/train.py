@@ -8,9 +8,11 @@ Three parts, one module each:
   (``cluster.tracking.prepare``), Ray, a ``TorchTrainer``, and the command line;
 - ``cluster/worker.py``: what each worker runs (:func:`cluster.worker.train_loop`).
 
-SIGUSR1 to the driver (``slurm/ray_train.sh`` forwards SLURM's warning before a time limit or
-preemption) makes every rank stop after the current step with a checkpoint; the command then
-exits with ``EXIT_STOPPED`` (75) and the same run continues with ``train.resume=true``.
+SIGUSR1 or SIGTERM to the driver (``slurm/ray_train.sh`` forwards SLURM's warning before a time
+limit or preemption), or a stop request put in Ray's KV store by any node
+(``cluster/stop_request.py``), makes every rank stop after the current step with a checkpoint;
+the command then exits with ``EXIT_STOPPED`` (75) and the same run continues with
+``train.resume=true``. A second SIGTERM ends the driver at once.
 
 Also runnable against a running cluster::
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cluster.preflight import PreflightError, fetch_registered_init, preflight, resolve_run_name
-from cluster.worker import STOP_REQUEST, progress, train_loop
+from cluster.worker import train_loop
 from stresnet.checkpoint import load_train_state
 from stresnet.config import (
     ConfigError,
@@ -121,12 +122,15 @@ def run_training(cfg: RunConfig) -> TrainResult:
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
-    # Rank 0 polls this file (the run folder is shared storage; the driver may be on another node).
-    stop_request = run_dir / STOP_REQUEST
-    stop_request.unlink(missing_ok=True)  # the last launch's request (before a requeue) is done
+    # SIGUSR1/SIGTERM: checkpoint and stop, through Ray's KV store (cluster/stop_request.py).
+    from cluster.stop_request import clear_stop_request, install_stop_signals
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, lambda *_: request_stop(stop_request))
-    result = trainer.fit()
+        install_stop_signals(run_name)
+    try:
+        result = trainer.fit()
+    finally:
+        clear_stop_request(run_name)
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
     state = load_train_state(checkpoint) if checkpoint else {}
     return TrainResult(
@@ -138,13 +142,6 @@ def run_training(cfg: RunConfig) -> TrainResult:
         metrics=dict(result.metrics or {}),
         stopped=bool((result.metrics or {}).get("stopped_on_request")),
     )
-
-
-def request_stop(stop_request: Path) -> None:
-    """Ask the workers to checkpoint after their current step and stop (the SIGUSR1 handler)."""
-    stop_request.parent.mkdir(parents=True, exist_ok=True)
-    stop_request.touch()
-    progress(f"stop requested: checkpointing after the current step ({stop_request})")
 
 
 # --------------------------------------------------------------------------------------------

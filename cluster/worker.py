@@ -42,7 +42,6 @@ from stresnet.train_step import (
 )
 
 FAILURE_MARKER = "failure_injected"  # in the run folder: the injected failure already happened
-STOP_REQUEST = "stop_requested"  # in the run folder: checkpoint after the current step and stop
 
 
 @dataclass
@@ -189,7 +188,7 @@ def validate(cfg: RunConfig, model: nn.Module, loader, worker: Worker, epoch: in
 
 def train_loop(loop_config: dict) -> None:
     """The per-worker training function (runs inside Ray Train); see the module docstring."""
-    from cluster import tracking
+    from cluster import stop_request, tracking
     from pipelines.loaders import build_loader
 
     quiet_ray_train()
@@ -241,7 +240,7 @@ def train_loop(loop_config: dict) -> None:
                 break
             step = state.global_step
             torch.manual_seed(step_seed(cfg.seed, worker.rank, step))
-            asked = worker.rank == 0 and (run_dir / STOP_REQUEST).exists()
+            asked = worker.rank == 0 and stop_request.stop_requested(loop_config["run_name"])
             metrics, stop = train_one_step(model, optimizer, batches, accumulation, worker,
                                            learning_rate(cfg.train, step, steps_per_epoch),
                                            asked)

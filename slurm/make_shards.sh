@@ -41,13 +41,23 @@ if ((SLURM_ARRAY_TASK_MIN != 0 || SLURM_ARRAY_TASK_MAX != count - 1)); then
 fi
 partitioning=(shards.num_partitions="$count")
 
-# The first task submits the finalize job once (not again if it is itself requeued).
+# The first task submits the finalize job once (not again if it is itself requeued), with the
+# array's account, partition and QOS: sites that require an account reject a job without one.
 if ((SLURM_ARRAY_TASK_ID == 0)) && ((${SLURM_RESTART_COUNT:-0} == 0)); then
-    finalize=$(sbatch --parsable --job-name="$SLURM_JOB_NAME-finalize" --ntasks=1 --cpus-per-task=1 \
-        --time=01:00:00 --output="logs/%x-%j.out" --chdir="$PWD" \
-        --dependency="afterok:$SLURM_ARRAY_JOB_ID" --kill-on-invalid-dep=yes \
-        "$venv/bin/stresnet" shards --config "$config" --finalize "${overrides[@]}" "${partitioning[@]}")
-    echo "make_shards.sh: finalize job $finalize runs after every task of array $SLURM_ARRAY_JOB_ID succeeded"
+    finalize_cmd=("$venv/bin/stresnet" shards --config "$config" --finalize "${overrides[@]}" "${partitioning[@]}")
+    submit=(sbatch --parsable --job-name="$SLURM_JOB_NAME-finalize" --ntasks=1 --cpus-per-task=1
+        --time=01:00:00 --output="logs/%x-%j.out" --chdir="$PWD"
+        --dependency="afterok:$SLURM_ARRAY_JOB_ID" --kill-on-invalid-dep=yes)
+    [[ -n ${SLURM_JOB_ACCOUNT:-} ]] && submit+=(--account="$SLURM_JOB_ACCOUNT")
+    [[ -n ${SLURM_JOB_PARTITION:-} ]] && submit+=(--partition="$SLURM_JOB_PARTITION")
+    [[ -n ${SLURM_JOB_QOS:-} ]] && submit+=(--qos="$SLURM_JOB_QOS")
+    if finalize=$("${submit[@]}" "${finalize_cmd[@]}"); then
+        echo "make_shards.sh: finalize job $finalize runs after every task of array $SLURM_ARRAY_JOB_ID succeeded"
+    else
+        # This task's shards are still worth writing: say how to finish by hand.
+        echo "make_shards.sh: could not submit the finalize job (above); once every task succeeded," \
+            "run: ${finalize_cmd[*]}" >&2
+    fi
 fi
 
 echo "make_shards.sh: task $SLURM_ARRAY_TASK_ID writes partition $SLURM_ARRAY_TASK_ID of $count ($config)"

@@ -13,6 +13,11 @@ accounting database (job states come from ``scontrol show job``; finished jobs s
 ``MinJobAge`` seconds). With ``nodes`` > 1 it runs one ``slurmd -N nK`` per node, all on this
 machine (each with its own port, spool folder and log), so multi-node jobs and ``srun`` across
 nodes run for real; the nodes just share the machine's CPUs.
+
+Preemption is configured as many sites do it: jobs in the default partition ``debug`` are
+requeued (``PreemptMode=REQUEUE``) when a job of the higher-tier partition ``urgent`` needs their
+nodes, after a ``GraceTime`` of :attr:`SlurmCluster.GRACE_TIME` seconds that starts with a
+SIGTERM to the job's steps (not its batch script).
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ def free_port() -> int:
 
 class SlurmCluster:
     """munged + slurmctld + slurmd for this host, configured and run out of ``root``."""
+
+    GRACE_TIME = 120  # seconds a preempted job of partition debug may run on
 
     def __init__(self, root: Path, nodes: int = 1, cpus_per_node: int | None = None):
         self.root = Path(root)
@@ -134,7 +141,11 @@ class SlurmCluster:
             f"SlurmdLogFile={self.logs / 'slurmd-%n.log'}",
             *(f"NodeName={node} NodeHostname={self.host} NodeAddr=127.0.0.1 Port={free_port()} "
               f"CPUs={self.cpus} RealMemory=1024 State=UNKNOWN" for node in self.nodes),
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            "PreemptType=preempt/partition_prio",
+            "PreemptMode=REQUEUE",
+            f"PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 "
+            f"GraceTime={self.GRACE_TIME}",
+            "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
             "",
         ])
 
@@ -147,8 +158,9 @@ class SlurmCluster:
         for process in self.processes:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see {self.logs}")
-        done = self.run(["sinfo", "--noheader", "--Node", "--format=%t"], check=False)
-        return done.returncode == 0 and done.stdout.split() == ["idle"] * len(self.nodes)
+        done = self.run(["sinfo", "--noheader", "--Node", "--format=%N %t"], check=False)
+        states = dict(line.split() for line in done.stdout.splitlines())  # a line per partition
+        return done.returncode == 0 and states == {node: "idle" for node in self.nodes}
 
     def stop(self) -> None:
         """Cancel every job, then stop the daemons this object started (newest first)."""

@@ -12,9 +12,13 @@ a family the label depends on a different cue:
    green-right). Colour alone and direction alone are each at chance, and so is any late fusion
    of two independent streams; only features that combine colour and motion (the cross-stream
    connections) can do better.
-4. ``order`` (ring): right, pause, back left vs left, pause, back right. The pause lasts a quarter
-   of the clip, longer than a flow stack (L <= frames / 4 + 1 fields), so no single stack sees
-   both phases; the order across the clip (temporal convolutions over positions) decides.
+4. ``order`` (ring): hidden, moves right, hidden, moves back left vs hidden, left, hidden, right.
+   Which motion comes first decides. Every local event (appear then move right, move right then
+   vanish, the same for left) occurs once in either class, so a model that sees one position at
+   a time (a flow stack, a frame) is at chance; only the order across positions (temporal
+   convolutions) tells the classes apart. (With a visible pause instead of the hidden gap, a
+   stack spanning "moves right, then stops" gave the class away.) The gap between the phases is
+   at least 3 frames, so no flow stack of L <= 5 fields holds motion of both phases.
 
 The labels are not mirror-symmetric: a horizontally flipped SquareMovesLeft clip is a
 SquareMovesRight clip (likewise the conjunction and order pairs), so training configs on this
@@ -180,11 +184,13 @@ def render_video(
         direction = DIRECTIONS[cls.motion]
         speed = rng.uniform(1.0, 1.6) * scale
     t = np.arange(frames, dtype=np.float64)
+    visible = np.ones(frames, dtype=bool)
     if cls.motion in ("right_left", "left_right"):
-        # Out for `out` frames, still for `pause` frames, back for `out` frames.
-        pause = frames // 4
-        out = (frames - 1 - pause) / 2
-        t = np.clip(t, 0, out) - np.clip(t - out - pause, 0, out)
+        # Hidden, out, hidden, back, hidden (see order_timing): the object holds still while hidden.
+        first, length, second = order_timing(frames)
+        t = np.clip(t - first, 0, length - 1) - np.clip(t - second, 0, length - 1)
+        visible[:] = False
+        visible[first : first + length] = visible[second : second + length] = True
     travel_x, travel_y = direction[0] * speed * t, direction[1] * speed * t
 
     # Camera: a slow pan plus jitter, applied to the whole scene (background and object).
@@ -202,9 +208,20 @@ def render_video(
         shift = np.float32([[1, 0, -margin - cx], [0, 1, -margin - cy]])
         frame = cv2.warpAffine(texture, shift, (width, height), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_REFLECT)
-        draw_shape(frame, cls.shape, screen[i], radius, colour)
+        if visible[i]:
+            draw_shape(frame, cls.shape, screen[i], radius, colour)
         video[i] = frame
     return video
+
+
+def order_timing(frames: int) -> tuple[int, int, int]:
+    """The order family's schedule: (first frame of phase 1, frames per phase, first frame of
+    phase 2). The object is hidden for ``max(1, frames // 12)`` frames before phase 1 and at least
+    as many after phase 2, and for ``max(3, frames // 4)`` frames between the phases.
+    """
+    edge, gap = max(1, frames // 12), max(3, frames // 4)
+    length = max(2, (frames - 2 * edge - gap) // 2)
+    return edge, length, edge + length + gap
 
 
 def fit_path(

@@ -45,6 +45,10 @@ from pipelines.video import write_video
 from stresnet.config import DatasetConfig, SyntheticConfig, to_dict
 
 MARKER = "synthetic.json"  # written last: its presence means the dataset is complete
+# Bumped whenever rendering changes, so a folder written by older code is refused, not reused.
+# 2: larger objects (radius 7.5-9.5 px at 64 px); the order family hides the object between
+# and around its two motions.
+GENERATOR_VERSION = 2
 
 COLOURS = {  # BGR
     "red": (40, 40, 220),
@@ -104,7 +108,7 @@ def write_synthetic_dataset(cfg: DatasetConfig) -> Path:
     """
     syn = cfg.synthetic
     root = Path(cfg.root)
-    params = to_dict(syn)
+    params = {**to_dict(syn), "generator_version": GENERATOR_VERSION}
     marker = root / MARKER
     if marker.is_file():
         existing = json.loads(marker.read_text())
@@ -167,7 +171,7 @@ def render_video(
     scale = min(height, width) / 64.0
     colour_name = str(rng.choice(cls.colours))
     colour = np.clip(np.array(COLOURS[colour_name]) + rng.integers(-15, 16, 3), 0, 255)
-    radius = rng.uniform(5.0, 7.0) * scale
+    radius = rng.uniform(7.5, 9.5) * scale
 
     # Object motion in the scene: a unit direction and a speed in px/frame.
     if cls.motion == "random":

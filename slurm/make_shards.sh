@@ -10,13 +10,13 @@
 #
 # Settings you may change:
 #   --array=0-(N-1)   number of partitions N (always 0-based and contiguous: task i writes i)
-#   --cpus-per-task   decoding/flow processes per task (shards.workers follows it)
+#   --cpus-per-task   decoding/flow processes per task (shards.processes follows it)
 #   --time, --partition, ...   other sbatch options
 #   CONFIG            shards config (default: configs/shards/ucf101.yaml)
 #   OVERRIDES         space-separated key=value config overrides; script arguments are too
 #   VENV              virtualenv (default: .venv of the checkout); STRESNET_DIR: the checkout
 # Logs: logs/<job name>-<array job id>_<task>.out and logs/<job name>-finalize-<job id>.out.
-# A re-submitted array skips the shards already written (see pipelines/shards.py).
+# A re-submitted array skips the shards already written (see pipelines/shard_planning.py).
 #
 #SBATCH --job-name=stresnet-shards
 #SBATCH --array=0-7
@@ -51,5 +51,5 @@ if ((SLURM_ARRAY_TASK_ID == 0)) && ((${SLURM_RESTART_COUNT:-0} == 0)); then
 fi
 
 echo "make_shards.sh: task $SLURM_ARRAY_TASK_ID writes partition $SLURM_ARRAY_TASK_ID of $count ($config)"
-exec "$venv/bin/stresnet" shards --config "$config" shards.workers="${SLURM_CPUS_PER_TASK:-1}" \
+exec "$venv/bin/stresnet" shards --config "$config" shards.processes="${SLURM_CPUS_PER_TASK:-1}" \
     "${overrides[@]}" "${partitioning[@]}" shards.partition="$SLURM_ARRAY_TASK_ID"

@@ -1,7 +1,7 @@
 """The training step (spec sections 4 and 6), free of Ray and MLflow.
 
-One *optimizer step* consumes ``train.batch_size`` clips in total: every worker runs
-``accumulation`` micro-batches of ``data.batch_size`` clips, summing gradients, then all workers
+One *optimizer step* consumes ``train.global_batch_size`` clips in total: every worker runs
+``accumulation`` micro-batches of ``data.batch_size_per_worker`` clips, summing gradients, then all workers
 average them (DDP) and SGD takes one step. The learning rate is a pure function of the optimizer
 step (:func:`learning_rate`), so a resumed run needs nothing but the step count to continue the
 schedule.
@@ -26,8 +26,7 @@ from torch import nn
 
 from stresnet.config import ConfigError, TrainConfig
 
-# The streams that have their own classifier and loss; "fused" is their averaged softmax.
-STREAMS = ("appearance", "motion")
+FUSED = "fused"  # the model output that averages the streams' softmax; every other is a stream
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -35,7 +34,7 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     per_pass = micro_batch * world_size
     if global_batch % per_pass:
         raise ConfigError(
-            f"train.batch_size: got {global_batch}, expected a multiple of data.batch_size x "
+            f"train.global_batch_size: got {global_batch}, expected a multiple of data.batch_size_per_worker x "
             f"workers = {micro_batch} x {world_size} = {per_pass} (gradient accumulation "
             f"reaches the global batch in whole micro-batches)"
         )
@@ -84,10 +83,11 @@ def stream_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dic
     (spec section 4).
     """
     losses = {
-        name: F.cross_entropy(outputs[name].float(), labels) for name in STREAMS if name in outputs
+        name: F.cross_entropy(logits.float(), labels) for name, logits in outputs.items()
+        if name != FUSED
     }
     if not losses:
-        raise ValueError(f"model outputs {sorted(outputs)} contain no stream logits {STREAMS}")
+        raise ValueError(f"model outputs {sorted(outputs)} contain no stream logits")
     losses["total"] = sum(losses.values())
     return losses
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -35,11 +36,11 @@ def videos(tmp_path_factory) -> Path:
 def small_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     return [
         "dataset.kind=synthetic", f"dataset.root={root}",
-        "dataset.synthetic.videos_per_class=2", "dataset.synthetic.frames=6",
+        "dataset.synthetic.videos_per_class=2", "dataset.synthetic.video_frames=6",
         "dataset.synthetic.height=32", "dataset.synthetic.width=40",
         "dataset.synthetic.test_fraction=0.5", "dataset.synthetic.families=[appearance, motion]",
         f"shards.output={out}", "shards.samples_per_shard=3", "shards.short_side=0",
-        "shards.flow=farneback", "shards.workers=1", *extra,
+        "shards.flow=farneback", "shards.processes=1", *extra,
     ]
 
 
@@ -100,6 +101,18 @@ def test_round_trip_video_to_shard_to_frames(videos, tmp_path):
     flow = cv2.imdecode(np.frombuffer(samples[0]["flow_y.00004.jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
     assert flow.shape == (16, 20)  # grayscale
 
+    # Plain tars that `tar` lists, each with an index file that locates every member's bytes.
+    tars = sorted(out.glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.idx")) == [fmt.index_name(p.name) for p in tars]
+    for path in tars:
+        listed = subprocess.run(["tar", "tf", str(path)], capture_output=True, text=True, check=True)
+        index = json.loads((out / fmt.index_name(path.name)).read_text())
+        assert index["format"] == fmt.INDEX_FORMAT and index["tar_size"] == path.stat().st_size
+        assert [name for name, _, _ in index["members"]] == listed.stdout.split()
+        with tarfile.open(path) as tar:
+            for (name, offset, size), member in zip(index["members"], tar.getmembers(), strict=True):
+                assert (name, offset, size) == (member.name, member.offset_data, member.size)
+
 
 def test_rerun_on_complete_output_does_nothing(videos, tmp_path, capsys):
     out = tmp_path / "shards"
@@ -133,7 +146,7 @@ def test_corrupt_truncated_and_empty_videos_are_skipped_and_reported(videos, tmp
     listing.write_text("\n".join(rows) + "\n")
     out = tmp_path / "shards"
     overrides = ["dataset.kind=csv", f"dataset.csv={listing}", f"shards.output={out}",
-                 "shards.short_side=0", "shards.flow=farneback", "shards.workers=1"]
+                 "shards.short_side=0", "shards.flow=farneback", "shards.processes=1"]
 
     with pytest.raises(ShardFailures) as err:
         make_shards(load_config(None, overrides))
@@ -171,13 +184,15 @@ def test_killed_run_resumes_to_the_same_samples(videos, tmp_path):
     assert "(2 already written)" in resumed.stdout
     assert not list(out.glob("*.partial"))
     assert read_samples(out) == read_samples(reference)
-    for tar in reference.glob("*.tar"):  # deterministic down to the bytes
-        assert (out / tar.name).read_bytes() == tar.read_bytes()
+    written = sorted(p.name for p in reference.glob("*.tar*"))
+    assert written == sorted(p.name for p in out.glob("*.tar*")) and len(written) == 12  # 6 shards
+    for name in written:  # deterministic down to the bytes, index files included
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
 
 
 def test_three_partitions_then_finalize_equal_one_process(videos, tmp_path, capsys):
     single = tmp_path / "single"
-    make_shards(load_config(None, small_overrides(videos, single, "shards.workers=2")))
+    make_shards(load_config(None, small_overrides(videos, single, "shards.processes=2")))
 
     out = tmp_path / "parts"
     cfg_file = config_file(tmp_path, small_overrides(videos, out, "shards.num_partitions=3"))
@@ -221,7 +236,7 @@ def test_hmdb51_layout_end_to_end(videos, tmp_path):
     out = tmp_path / "shards"
     manifest = make_shards(load_config(None, [
         "dataset.kind=hmdb51", f"dataset.root={root}", f"dataset.splits_dir={splits}",
-        f"shards.output={out}", "shards.short_side=0", "shards.flow=farneback", "shards.workers=1"]))
+        f"shards.output={out}", "shards.short_side=0", "shards.flow=farneback", "shards.processes=1"]))
     assert manifest["classes"] == ["brush_hair", "cartwheel"]
     assert {s: v["samples"] for s, v in manifest["splits"].items()} == {"train": 2, "test": 2}
     assert manifest["unused"] == 2

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines.loaders.clips import ClipSource, decode_clip, finish_batch
 from pipelines.loaders.schedule import ClipRequest
-from pipelines.loaders.shards import SampleError
+from pipelines.loaders.shard_reader import SampleError
 
 
 class _ClipDataset(Dataset):

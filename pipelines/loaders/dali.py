@@ -21,7 +21,7 @@ import torch
 
 from pipelines.loaders.clips import ClipSource, EncodedClip, finish_batch
 from pipelines.loaders.schedule import ClipRequest
-from pipelines.loaders.shards import SampleError
+from pipelines.loaders.shard_reader import SampleError
 
 # meta output per position: [sample used, damaged samples skipped, flip, keep (0 = stand-in), view]
 

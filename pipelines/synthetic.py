@@ -102,6 +102,12 @@ FAMILY_CLASSES: dict[str, list[SyntheticClass]] = {
 }
 
 
+def class_families(class_names: list[str]) -> dict[str, str]:
+    """``{class: family}`` for those of ``class_names`` that are synthetic classes."""
+    family_of = {c.name: family for family, classes in FAMILY_CLASSES.items() for c in classes}
+    return {name: family_of[name] for name in class_names if name in family_of}
+
+
 def synthetic_classes(cfg: SyntheticConfig) -> list[SyntheticClass]:
     """The classes of the configured families, in label order."""
     return [c for family in cfg.families for c in FAMILY_CLASSES[family]]

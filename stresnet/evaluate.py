@@ -164,6 +164,32 @@ def summary_metrics(report: dict, prefix: str = "") -> dict[str, float]:
     return metrics
 
 
+def family_table(report: dict) -> list[str]:
+    """Video top-1 per stream (rows) and family (columns, then all classes), with each family's
+    chance level and number of test videos; ``[]`` for a report without families."""
+    families = report.get("families")
+    if not families:
+        return []
+    names = list(families)
+    width = max(11, *(len(n) + 1 for n in names))
+    cell = f"{{:>{width}}}"
+
+    def row(label: str, values: list) -> str:
+        return f"  {label:<12}" + "".join(cell.format(v) for v in values)
+
+    lines = [
+        row("top-1", [*names, "all"]),
+        row("chance", [f"{families[n]['chance']:.2f}" for n in names]
+            + [f"{1 / len(report['classes']):.2f}"]),
+        row("test videos", [families[n]["videos"] for n in names] + [report["videos"]]),
+    ]
+    for stream, values in report["streams"].items():
+        per_family = values.get("per_family", {})
+        shown = ["-" if per_family.get(n) is None else f"{per_family[n]:.3f}" for n in names]
+        lines.append(row(stream, [*shown, f"{values['top1']:.3f}"]))
+    return lines
+
+
 def save_report(report: dict, folder: str | Path) -> dict[str, Path]:
     """Write ``report.json`` and ``confusion_matrix.png`` into ``folder``; returns their paths."""
     import matplotlib

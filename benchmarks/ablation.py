@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # the config's relative paths (data/...) are relative to the repository
     from pipelines.shard_format import read_manifest
     from pipelines.shards import make_shards
-    from stresnet.config import load_config
+    from stresnet.config import absolute_paths, load_config
 
     overrides = [*(QUICK if args.quick else []), *args.overrides]
     cfg = load_config(args.config, overrides)
@@ -345,12 +345,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from cluster.tracking import absolute_tracking_uri
+    from cluster.tracking import ensure_experiment
 
-    mlflow.set_tracking_uri(absolute_tracking_uri(args.tracking_uri))
-    experiment = mlflow.get_experiment_by_name("stresnet-ablation")
-    experiment_id = (experiment.experiment_id if experiment
-                     else mlflow.create_experiment("stresnet-ablation"))
+    # The project's convention (cluster/tracking.py): a new experiment keeps its artifacts in
+    # mlartifacts/<experiment> next to a sqlite database, not in the working directory.
+    tracking = load_config(args.config, [*overrides, f"tracking.uri={args.tracking_uri}",
+                                         "tracking.experiment=stresnet-ablation"])
+    tracking = absolute_paths(tracking)
+    mlflow.set_tracking_uri(tracking.tracking.uri)
+    experiment_id = ensure_experiment(tracking)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     results: dict[tuple[str, int], dict] = {}
     with mlflow.start_run(run_name=f"ablation-{stamp}{'-quick' if args.quick else ''}",

@@ -39,3 +39,6 @@ def test_quick_ablation_writes_table_and_child_runs(tmp_path):
     child = next(r for r in children if r.data.params["model"] == "full")
     assert "test_fused_top1_conjunction" in child.data.metrics
     assert "full_fused_top1_order_mean" in parents[0].data.metrics
+    # Artifacts live next to the database (mlartifacts/), not in the working directory.
+    assert child.info.artifact_uri.startswith(str(tmp_path / "mlartifacts"))
+    assert {"report.json", "per_family.json"} <= {a.path for a in client.list_artifacts(child.info.run_id)}

@@ -24,17 +24,19 @@ def machine() -> str:
     return f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def write_section(name: str, markdown: str) -> None:
+def write_section(name: str, markdown: str, path: Path | None = None) -> None:
+    """Replace (or append) section ``name`` of ``path`` (default benchmarks/RESULTS.md)."""
+    path = path or RESULTS
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     body = f"{start}\n{markdown.strip()}\n\n_Measured {date.today()} on {machine()}._\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
     if start in text and end in text:
         before, rest = text.split(start, 1)
         _, after = rest.split(end, 1)
         text = before + body + after
     else:
         text = text.rstrip() + "\n\n" + body + "\n"
-    RESULTS.write_text(text)
+    path.write_text(text)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

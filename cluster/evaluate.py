@@ -21,7 +21,7 @@ from torch import nn
 
 from stresnet.checkpoint import WeightsError
 from stresnet.config import ConfigError, RunConfig, add_config_arguments, config_from_args
-from stresnet.evaluate import collect_scores, save_report, video_report
+from stresnet.evaluate import collect_scores, family_table, save_report, video_report
 
 
 def load_registered_model(uri: str, tracking_uri: str) -> nn.Module:
@@ -41,13 +41,17 @@ def evaluate_model(cfg: RunConfig, model: nn.Module) -> tuple[dict, dict[str, Pa
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     bf16 = cfg.train.bf16 and device.type == "cuda"
-    classes = read_manifest(cfg.data.shards)["classes"]
+    manifest = read_manifest(cfg.data.shards)
+    classes, families = manifest["classes"], manifest.get("class_families")
     loader = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False)
-    report = video_report(collect_scores(model, loader, device, bf16, cfg.eval.score_average), classes)
+    average = cfg.eval.score_average
+    report = video_report(collect_scores(model, loader, device, bf16, average), classes, families)
     if cfg.eval.fully_convolutional:
         # Stage 2 (spec section 5): every frame of the video in one pass, convolutional in time.
         whole = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False, whole_video=True)
-        report["fully_convolutional"] = video_report(collect_scores(model, whole, device, bf16, cfg.eval.score_average), classes)
+        report["fully_convolutional"] = video_report(
+            collect_scores(model, whole, device, bf16, average), classes, families
+        )
     return report, save_report(report, cfg.eval.output)
 
 
@@ -55,6 +59,8 @@ def format_summary(report: dict) -> str:
     lines = [f"{'stream':<11} {'top-1':>7} {'top-5':>7}   ({report['videos']} videos)"]
     for stream, values in report["streams"].items():
         lines.append(f"{stream:<11} {values['top1']:>7.3f} {values['top5']:>7.3f}")
+    if "families" in report:
+        lines += ["per family (video top-1):", *family_table(report)]
     if "fully_convolutional" in report:
         lines.append("whole videos, fully convolutional in time:")
         lines.append(format_summary(report["fully_convolutional"]))

@@ -64,6 +64,7 @@ def evaluate_and_log(cfg: RunConfig, result) -> dict:
 
 def summary(cfg: RunConfig, result, report: dict, timer: PhaseTimer) -> str:
     from cluster.tracking import experiment_name, registered_model_name
+    from stresnet.evaluate import family_table
 
     total = sum(timer.seconds.values())
     lines = [
@@ -87,6 +88,10 @@ def summary(cfg: RunConfig, result, report: dict, timer: PhaseTimer) -> str:
     ]
     for stream, values in report["streams"].items():
         lines.append(f"  {stream:<11} {values['top1']:>6.3f} {values['top5']:>6.3f}")
+    table = family_table(report)
+    if table:  # the synthetic dataset: each family tests one part of the network
+        lines += ["", "video top-1 per family (chance = 1 / classes in the family; "
+                      "see docs/ablation.md):", *table]
     return "\n".join(lines)
 
 

@@ -176,12 +176,18 @@ def validate(cfg: RunConfig, model: nn.Module, loader, worker: Worker, epoch: in
                                           worker.bf16, cfg.eval.score_average))
     if worker.rank != 0:
         return {}
-    report = video_report(scores, read_manifest(cfg.data.shards)["classes"])
+    manifest = read_manifest(cfg.data.shards)
+    report = video_report(scores, manifest["classes"], manifest.get("class_families"))
     metrics = summary_metrics(report, prefix="val_")
     tracking.log_metrics(metrics, step=step)
     files = save_report(report, run_dir / "validation" / f"epoch_{epoch + 1:03d}")
     tracking.log_report(files, f"validation/epoch_{epoch + 1:03d}")
     shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("top1"))
+    families = report["streams"]["fused"].get("per_family", {})
+    if families:  # synthetic data: fused top-1 per family too
+        shown += "; fused per family: " + ", ".join(
+            f"{f} {v:.3f}" for f, v in families.items() if v is not None
+        )
     progress(f"validation after epoch {epoch + 1}: {shown}")
     return metrics
 

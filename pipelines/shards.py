@@ -122,6 +122,7 @@ def finalize(cfg: RunConfig, index: DatasetIndex | None = None) -> dict:
         "format": fmt.FORMAT_VERSION,
         "dataset": index.name,
         "classes": index.classes,
+        "class_families": index.class_families,  # {} for real datasets
         "splits": splits,
         "unused": index.unused,
         "params": params,

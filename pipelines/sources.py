@@ -70,6 +70,8 @@ class DatasetIndex:
     entries: list[VideoEntry]
     unused: int = 0  # listed by the split files but in no split (HMDB51 "0")
     problems: list[str] = field(default_factory=list)
+    # class -> family (the synthetic dataset's families; real datasets have none)
+    class_families: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         return dict(sorted(Counter(e.split for e in self.entries).items()))
@@ -86,6 +88,10 @@ def load_source(cfg: DatasetConfig) -> DatasetIndex:
             splits_dir = splits_folder("ucf101", cfg.splits_dir)
         index = ucf101_source(cfg.root, splits_dir, cfg.split)
         index.name = cfg.kind
+        if cfg.kind == "synthetic":
+            from pipelines.synthetic import class_families
+
+            index.class_families = class_families(index.classes)
     elif cfg.kind == "hmdb51":
         index = hmdb51_source(cfg.root, splits_folder("hmdb51", cfg.splits_dir), cfg.split)
     else:

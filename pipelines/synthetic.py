@@ -1,24 +1,34 @@
 """The bundled synthetic action dataset: small real videos whose classes test each part of the model.
 
-Every video shows one object moving over a textured, slowly panning background with a little
-camera jitter. The object's *shape* tells its family (so one frame identifies the family); within
-a family the label depends on a different cue:
+Every video shows one object over a textured, slowly panning background with a little camera
+jitter. Within a family the label depends on one cue, the part of the network under test; the
+family itself is visible in both modalities, so that each stream can tell which family a video
+belongs to and a fused score is not dragged into another family by a stream that cannot see the
+class: in RGB by the object's *shape*, in the flow by the *kind of motion* (none, along an axis,
+diagonal, interrupted).
 
-1. ``appearance`` (disc): the colour decides (red / green / blue); the motion is random, so one
-   RGB frame suffices.
+1. ``appearance`` (disc): the colour decides (red / green / blue). The disc stands still in the
+   scene (it moves on screen with the camera only), so one RGB frame suffices and the
+   median-centred flow shows no object at all.
 2. ``motion`` (square): the direction decides (left / right / up / down); the colour is random, so
    the RGB stream cannot tell the classes apart, flow can.
-3. ``conjunction`` (triangle): label = colour XOR direction (red-right or green-left vs red-left or
-   green-right). Colour alone and direction alone are each at chance, and so is any late fusion
-   of two independent streams; only features that combine colour and motion (the cross-stream
-   connections) can do better.
-4. ``order`` (ring): right, pause, back left vs left, pause, back right. The pause lasts a quarter
-   of the clip, longer than a flow stack (L <= frames / 4 + 1 fields), so no single stack sees
-   both phases; the order across the clip (temporal convolutions over positions) decides.
+3. ``conjunction`` (triangle, moving diagonally): label = colour XOR direction (red up-right or
+   green down-left vs red down-left or green up-right). Colour alone and direction alone are each
+   at chance, and so is any late fusion of two independent streams; only features that combine
+   colour and motion (the cross-stream connections) can do better. (Moving left/right like the
+   squares, the triangles' flow was taken for the squares' by the motion stream, and the fused
+   score followed it into the motion family.)
+4. ``order`` (ring): hidden, moves right, hidden, moves back left vs hidden, left, hidden, right.
+   Which motion comes first decides. Every local event (appear then move right, move right then
+   vanish, the same for left) occurs once in either class, so a model that sees one position at
+   a time (a flow stack, a frame) is at chance; only the order across positions (temporal
+   convolutions) tells the classes apart. (With a visible pause instead of the hidden gap, a
+   stack spanning "moves right, then stops" gave the class away.) The gap between the phases is
+   at least 3 frames, so no flow stack of L <= 5 fields holds motion of both phases.
 
 The labels are not mirror-symmetric: a horizontally flipped SquareMovesLeft clip is a
-SquareMovesRight clip (likewise the conjunction and order pairs), so training configs on this
-dataset set ``sampling.flip: false``. The camera's pan and jitter move the whole frame by about as
+SquareMovesRight clip (likewise the order pair; a flipped conjunction clip moves along the other
+diagonal, which no class has), so training configs on this dataset set ``sampling.flip: false``. The camera's pan and jitter move the whole frame by about as
 much as the object moves; ``sampling.flow_center: median`` takes that out of the flow input.
 
 Generation is deterministic from ``seed``: the same config writes the same decoded frames. Videos
@@ -41,6 +51,10 @@ from pipelines.video import write_video
 from stresnet.config import DatasetConfig, SyntheticConfig, to_dict
 
 MARKER = "synthetic.json"  # written last: its presence means the dataset is complete
+# Bumped whenever rendering changes, so a folder written by older code is refused, not reused.
+# 2: larger objects (radius 7.5-9.5 px at 64 px); the order family hides the object between
+# and around its two motions. 4: the disc stands still, the triangle moves diagonally.
+GENERATOR_VERSION = 4
 
 COLOURS = {  # BGR
     "red": (40, 40, 220),
@@ -51,6 +65,7 @@ COLOURS = {  # BGR
     "cyan": (210, 200, 40),
 }
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+DIAGONALS = {"up_right": (math.sqrt(0.5), -math.sqrt(0.5)), "down_left": (-math.sqrt(0.5), math.sqrt(0.5))}
 
 
 @dataclass(frozen=True)
@@ -59,15 +74,15 @@ class SyntheticClass:
     family: str
     shape: str  # disc, square, triangle, ring
     colours: tuple[str, ...]  # drawn uniformly
-    # motion: "random", a direction name, "xor" (direction follows colour), or "right_left" /
-    # "left_right" (the order family)
+    # motion: "still", a direction name, "xor" (a diagonal that follows the colour), or
+    # "right_left" / "left_right" (the order family)
     motion: str
     xor_pairs: tuple[tuple[str, str], ...] = ()  # conjunction: allowed (colour, direction) pairs
 
 
 FAMILY_CLASSES: dict[str, list[SyntheticClass]] = {
     "appearance": [
-        SyntheticClass(f"{c.capitalize()}Disc", "appearance", "disc", (c,), "random")
+        SyntheticClass(f"{c.capitalize()}Disc", "appearance", "disc", (c,), "still")
         for c in ("red", "green", "blue")
     ],
     "motion": [
@@ -75,16 +90,22 @@ FAMILY_CLASSES: dict[str, list[SyntheticClass]] = {
         for d in DIRECTIONS
     ],
     "conjunction": [
-        SyntheticClass("RedRightOrGreenLeft", "conjunction", "triangle", ("red", "green"), "xor",
-                       (("red", "right"), ("green", "left"))),
-        SyntheticClass("RedLeftOrGreenRight", "conjunction", "triangle", ("red", "green"), "xor",
-                       (("red", "left"), ("green", "right"))),
+        SyntheticClass("RedUpRightOrGreenDownLeft", "conjunction", "triangle", ("red", "green"),
+                       "xor", (("red", "up_right"), ("green", "down_left"))),
+        SyntheticClass("RedDownLeftOrGreenUpRight", "conjunction", "triangle", ("red", "green"),
+                       "xor", (("red", "down_left"), ("green", "up_right"))),
     ],
     "order": [
         SyntheticClass("RingRightThenLeft", "order", "ring", tuple(COLOURS), "right_left"),
         SyntheticClass("RingLeftThenRight", "order", "ring", tuple(COLOURS), "left_right"),
     ],
 }
+
+
+def class_families(class_names: list[str]) -> dict[str, str]:
+    """``{class: family}`` for those of ``class_names`` that are synthetic classes."""
+    family_of = {c.name: family for family, classes in FAMILY_CLASSES.items() for c in classes}
+    return {name: family_of[name] for name in class_names if name in family_of}
 
 
 def synthetic_classes(cfg: SyntheticConfig) -> list[SyntheticClass]:
@@ -100,7 +121,7 @@ def write_synthetic_dataset(cfg: DatasetConfig) -> Path:
     """
     syn = cfg.synthetic
     root = Path(cfg.root)
-    params = to_dict(syn)
+    params = {**to_dict(syn), "generator_version": GENERATOR_VERSION}
     marker = root / MARKER
     if marker.is_file():
         existing = json.loads(marker.read_text())
@@ -163,15 +184,13 @@ def render_video(
     scale = min(height, width) / 64.0
     colour_name = str(rng.choice(cls.colours))
     colour = np.clip(np.array(COLOURS[colour_name]) + rng.integers(-15, 16, 3), 0, 255)
-    radius = rng.uniform(5.0, 7.0) * scale
+    radius = rng.uniform(7.5, 9.5) * scale
 
     # Object motion in the scene: a unit direction and a speed in px/frame.
-    if cls.motion == "random":
-        angle = rng.uniform(0, 2 * math.pi)
-        direction = (math.cos(angle), math.sin(angle))
-        speed = rng.uniform(0.3, 1.2) * scale
+    if cls.motion == "still":
+        direction, speed = (0.0, 0.0), 0.0
     elif cls.motion == "xor":
-        direction = DIRECTIONS[dict(cls.xor_pairs)[colour_name]]
+        direction = DIAGONALS[dict(cls.xor_pairs)[colour_name]]
         speed = rng.uniform(1.0, 1.6) * scale
     elif cls.motion in ("right_left", "left_right"):
         direction = DIRECTIONS["right" if cls.motion == "right_left" else "left"]
@@ -180,11 +199,13 @@ def render_video(
         direction = DIRECTIONS[cls.motion]
         speed = rng.uniform(1.0, 1.6) * scale
     t = np.arange(frames, dtype=np.float64)
+    visible = np.ones(frames, dtype=bool)
     if cls.motion in ("right_left", "left_right"):
-        # Out for `out` frames, still for `pause` frames, back for `out` frames.
-        pause = frames // 4
-        out = (frames - 1 - pause) / 2
-        t = np.clip(t, 0, out) - np.clip(t - out - pause, 0, out)
+        # Hidden, out, hidden, back, hidden (see order_timing): the object holds still while hidden.
+        first, length, second = order_timing(frames)
+        t = np.clip(t - first, 0, length - 1) - np.clip(t - second, 0, length - 1)
+        visible[:] = False
+        visible[first : first + length] = visible[second : second + length] = True
     travel_x, travel_y = direction[0] * speed * t, direction[1] * speed * t
 
     # Camera: a slow pan plus jitter, applied to the whole scene (background and object).
@@ -202,9 +223,20 @@ def render_video(
         shift = np.float32([[1, 0, -margin - cx], [0, 1, -margin - cy]])
         frame = cv2.warpAffine(texture, shift, (width, height), flags=cv2.INTER_LINEAR,
                                borderMode=cv2.BORDER_REFLECT)
-        draw_shape(frame, cls.shape, screen[i], radius, colour)
+        if visible[i]:
+            draw_shape(frame, cls.shape, screen[i], radius, colour)
         video[i] = frame
     return video
+
+
+def order_timing(frames: int) -> tuple[int, int, int]:
+    """The order family's schedule: (first frame of phase 1, frames per phase, first frame of
+    phase 2). The object is hidden for ``max(1, frames // 12)`` frames before phase 1 and at least
+    as many after phase 2, and for ``max(3, frames // 4)`` frames between the phases.
+    """
+    edge, gap = max(1, frames // 12), max(3, frames // 4)
+    length = max(2, (frames - 2 * edge - gap) // 2)
+    return edge, length, edge + length + gap
 
 
 def fit_path(

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from stresnet.families import family_members, family_top1
 
 # Order in which reports list the streams; a single-stream model has its own stream and fused.
 REPORT_STREAMS = ("appearance", "motion", "fused")
@@ -107,11 +110,16 @@ def collect_scores(
     return scores
 
 
-def video_report(scores: VideoScores, class_names: list[str]) -> dict:
+def video_report(
+    scores: VideoScores, class_names: list[str], families: Optional[Mapping[str, str]] = None
+) -> dict:
     """Top-1/top-5 per stream, per-class accuracy and the fused confusion matrix.
 
     Per-class accuracy is ``null`` for a class without test videos. The confusion matrix has
-    true classes as rows and predicted classes as columns (fused scores).
+    true classes as rows and predicted classes as columns (fused scores). With a class -> family
+    map (the synthetic dataset's), each stream also gets ``per_family`` top-1 and the report a
+    ``families`` entry (classes, test videos and chance level of each family); without one
+    (UCF101, HMDB51) neither key appears.
     """
     if not scores.videos:
         raise ValueError("no test videos were scored: is the evaluation split empty?")
@@ -142,6 +150,16 @@ def video_report(scores: VideoScores, class_names: list[str]) -> dict:
             "top5": float(topk.mean()),
             "per_class": per_class,
         }
+        by_family = family_top1(labels, ranked[:, 0], class_names, families)
+        if by_family:
+            report["streams"][stream]["per_family"] = {f: v["top1"] for f, v in by_family.items()}
+            report["families"] = {
+                f: {"classes": [class_names[i] for i in members], "videos": v["videos"],
+                    "chance": v["chance"]}
+                for (f, v), members in zip(
+                    by_family.items(), family_members(class_names, families).values()
+                )
+            }
         if stream == "fused":
             confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
             np.add.at(confusion, (labels, ranked[:, 0]), 1)
@@ -150,13 +168,43 @@ def video_report(scores: VideoScores, class_names: list[str]) -> dict:
 
 
 def summary_metrics(report: dict, prefix: str = "") -> dict[str, float]:
-    """Flat ``{"<prefix>fused_top1": ...}`` numbers of a report, for metric logging."""
+    """Flat ``{"<prefix>fused_top1": ...}`` numbers of a report, for metric logging; with
+    families also ``{"<prefix>fused_top1_conjunction": ...}`` (families with test videos)."""
     metrics = {}
     for stream, values in report["streams"].items():
         for key, value in values.items():
             if key.startswith("top"):
                 metrics[f"{prefix}{stream}_{key}"] = value
+        for family, value in values.get("per_family", {}).items():
+            if value is not None:
+                metrics[f"{prefix}{stream}_top1_{family}"] = value
     return metrics
+
+
+def family_table(report: dict) -> list[str]:
+    """Video top-1 per stream (rows) and family (columns, then all classes), with each family's
+    chance level and number of test videos; ``[]`` for a report without families."""
+    families = report.get("families")
+    if not families:
+        return []
+    names = list(families)
+    width = max(11, *(len(n) + 1 for n in names))
+    cell = f"{{:>{width}}}"
+
+    def row(label: str, values: list) -> str:
+        return f"  {label:<12}" + "".join(cell.format(v) for v in values)
+
+    lines = [
+        row("top-1", [*names, "all"]),
+        row("chance", [f"{families[n]['chance']:.2f}" for n in names]
+            + [f"{1 / len(report['classes']):.2f}"]),
+        row("test videos", [families[n]["videos"] for n in names] + [report["videos"]]),
+    ]
+    for stream, values in report["streams"].items():
+        per_family = values.get("per_family", {})
+        shown = ["-" if per_family.get(n) is None else f"{per_family[n]:.3f}" for n in names]
+        lines.append(row(stream, [*shown, f"{values['top1']:.3f}"]))
+    return lines
 
 
 def save_report(report: dict, folder: str | Path) -> dict[str, Path]:

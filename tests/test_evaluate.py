@@ -119,3 +119,29 @@ def test_logit_and_softmax_averaging_differ_as_expected():
     assert mean["softmax"]["appearance"] == pytest.approx(prob_mean, rel=1e-6)
     assert mean["logits"]["appearance"].argmax() == 1
     assert mean["softmax"]["appearance"].argmax() == 0
+
+def test_per_family_top1_in_report_and_metrics():
+    scores = VideoScores("softmax")
+    uniform_tail = [0.01] * 5
+    # Same three videos as above: appearance predicts 0, 2, 3; motion 5, 1, 3; fused 0, 1, 3.
+    add_view(scores, "v0", 0, [0.9] + uniform_tail, [0.0005, 0.2, 0.2, 0.2, 0.2, 0.1995])
+    add_view(scores, "v1", 1, [0.1, 0.3, 0.5, 0.05, 0.03, 0.02], [0.05, 0.8, 0.05, 0.05, 0.03, 0.02])
+    add_view(scores, "v2", 1, [0.1, 0.2, 0.05, 0.5, 0.1, 0.05], [0.1, 0.2, 0.05, 0.5, 0.1, 0.05])
+    families = {"a": "colour", "b": "move", "c": "move", "d": "xor", "e": "xor", "f": "xor"}
+    report = video_report(scores, CLASSES, families)
+    assert report["families"] == {
+        "colour": {"classes": ["a"], "videos": 1, "chance": 1.0},
+        "move": {"classes": ["b", "c"], "videos": 2, "chance": 0.5},
+        "xor": {"classes": ["d", "e", "f"], "videos": 0, "chance": 1 / 3},
+    }
+    assert report["streams"]["appearance"]["per_family"] == {"colour": 1.0, "move": 0.0, "xor": None}
+    assert report["streams"]["motion"]["per_family"] == {"colour": 0.0, "move": 0.5, "xor": None}
+    assert report["streams"]["fused"]["per_family"] == {"colour": 1.0, "move": 0.5, "xor": None}
+    metrics = summary_metrics(report, "test_")
+    assert metrics["test_fused_top1_move"] == 0.5
+    assert metrics["test_appearance_top1_colour"] == 1.0
+    assert "test_fused_top1_xor" not in metrics  # no test videos: no number
+    # Without a family map (UCF101): no family keys at all.
+    plain = video_report(scores, CLASSES)
+    assert "families" not in plain and "per_family" not in plain["streams"]["fused"]
+    assert not any(key.count("_") > 1 for key in summary_metrics(plain))

@@ -83,6 +83,11 @@ def test_round_trip_video_to_shard_to_frames(videos, tmp_path):
     assert manifest["failures"] == [] and manifest["unused"] == 0
     assert set(manifest["versions"]) >= {"torch", "cv2", "av", "webdataset", "numpy", "python"}
     assert manifest["params"]["short_side"] == 16
+    # The synthetic classes' families travel with the data (real datasets get {}).
+    assert manifest["class_families"] == {
+        **{c: "appearance" for c in ("RedDisc", "GreenDisc", "BlueDisc")},
+        **{f"SquareMoves{d}": "motion" for d in ("Left", "Right", "Up", "Down")},
+    }
 
     samples = list(wds.WebDataset(str(out / "train-p000-00000.tar"), shardshuffle=False))
     meta = json.loads(samples[0]["json"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.sources import load_source
-from pipelines.synthetic import FAMILY_CLASSES, render_video, write_synthetic_dataset
+from pipelines.synthetic import FAMILY_CLASSES, order_timing, render_video, write_synthetic_dataset
 from pipelines.video import decode_video
 from stresnet.config import DatasetConfig, SyntheticConfig, load_config
 
@@ -71,39 +71,61 @@ def object_track(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centres, colours = [], []
     for frame, sat in zip(f, saturation):
         ys, xs = np.nonzero(sat > 100)  # the background is grey-ish, objects are vivid
+        if len(xs) == 0:  # hidden (order family)
+            centres.append((np.nan, np.nan))
+            continue
         centres.append((xs.mean(), ys.mean()))
         colours.append(frame[ys, xs].mean(axis=0))
     return np.array(centres), np.mean(colours, axis=0)
 
 
-@pytest.mark.parametrize("family", ["motion", "conjunction", "order"])
+@pytest.mark.parametrize("family", ["appearance", "motion", "conjunction", "order"])
 def test_class_cues(family):
-    frames = 16
+    frames = 24 if family == "order" else 16  # order: 7 frames per phase
     for cls in FAMILY_CLASSES[family]:
         for seed in range(4):
             track, colour = object_track(render_video(cls, np.random.default_rng(seed), frames, 64, 80))
             half = frames // 2
             first = track[half - 1] - track[0]
             second = track[-1] - track[half]
-            if family == "motion":
+            if family == "appearance":
+                # Still in the scene: on screen it moves with the camera only (pan <= 0.3 px
+                # and jitter <= 1 px per frame).
+                assert np.abs(track[-1] - track[0]).max() < 0.3 * frames + 3
+            elif family == "motion":
                 direction = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[cls.motion]
                 moved = track[-1] - track[0]
                 assert np.dot(moved, direction) > 6  # net motion along the class direction
             elif family == "conjunction":
                 red = colour[2] > colour[1]  # BGR
-                right = track[-1, 0] > track[0, 0] + 6
-                left = track[-1, 0] < track[0, 0] - 6
-                assert right or left
-                # label = colour XOR direction: class 0 is red-right/green-left.
-                assert (red == right) == (cls.name == "RedRightOrGreenLeft")
+                moved = track[-1] - track[0]
+                up_right = moved[0] > 6 and moved[1] < -6
+                down_left = moved[0] < -6 and moved[1] > 6
+                assert up_right or down_left
+                # label = colour XOR direction: class 0 is red-up-right/green-down-left.
+                assert (red == up_right) == (cls.name == "RedUpRightOrGreenDownLeft")
             else:
-                # Still in the middle quarter (no flow stack spans both phases), back at the end.
-                middle = track[half - 1 : half + 2]
-                assert np.abs(middle - middle[0]).max() < 3  # camera pan and jitter only
-                assert np.abs(track[-1, 0] - track[0, 0]) < 7  # back where it started, up to the pan
+                # Hidden, out, hidden, back, hidden: the object is visible in the two phases only.
+                start, length, second = order_timing(frames)
+                visible = ~np.isnan(track[:, 0])
+                expected = np.zeros(frames, bool)
+                expected[start : start + length] = expected[second : second + length] = True
+                assert np.array_equal(visible, expected)
+                out = track[start + length - 1, 0] - track[start, 0]
+                back = track[second + length - 1, 0] - track[second, 0]
                 right_first = cls.name == "RingRightThenLeft"
-                assert (first[0] > 4) == right_first and (second[0] < -4) == right_first
-                assert (first[0] < -4) != right_first and (second[0] > 4) != right_first
+                assert (out > 4) == right_first and (back < -4) == right_first
+                assert (out < -4) != right_first and (back > 4) != right_first
+
+
+def test_order_gap_hides_both_phases_from_one_flow_stack():
+    # No flow stack of L <= 5 fields (L + 1 frames) holds motion of both phases: the hidden gap
+    # between them is at least L - 2 frames for every video length the configs use.
+    for frames in range(16, 65):
+        start, length, second = order_timing(frames)
+        gap = second - (start + length)
+        assert gap >= 3 and start >= 1 and second + length < frames
+        assert length >= 5  # enough frames per phase for a motion to be seen
 
 
 # Classes told apart by horizontal direction: a mirrored clip of one is a clip of its partner.

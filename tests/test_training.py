@@ -265,7 +265,7 @@ def test_main_job_runs_every_phase_and_prints_the_summary(workspace, capsys):
 
     root, overrides = workspace
     argv = ["--config", str(TINY), *overrides, f"train.storage_path={root}/main-job-runs",
-            f"eval.output={root}/main-job-eval", "train.epochs=2"]
+            f"eval.output={root}/main-job-eval", "train.epochs=2", "train.validate_every=2"]
     assert main_job(argv) == 0
     out = capsys.readouterr().out
     for phase in ("phase 1/3: shards", "phase 2/3: train", "phase 3/3: evaluate"):
@@ -273,3 +273,18 @@ def test_main_job_runs_every_phase_and_prints_the_summary(workspace, capsys):
     assert re.search(r"MLflow run: +[0-9a-f]{32} in experiment 'stresnet-synthetic'", out)
     assert re.search(r"fused +\d\.\d{3} +\d\.\d{3}", out)
     assert (root / "main-job-eval" / "report.json").is_file()
+    # The per-family table (the tiny config has the appearance and motion families): a header,
+    # chance levels, test videos and a row per stream with a column per family and all.
+    assert re.search(r"top-1 +appearance +motion +all", out)
+    assert re.search(r"chance +0\.33 +0\.25 +0\.14", out)
+    assert re.search(r"test videos +3 +4 +7", out)
+    assert re.search(r"fused +\d\.\d{3} +\d\.\d{3} +\d\.\d{3}\n", out)
+    # ... and the same figures in the MLflow run.
+    from mlflow import MlflowClient
+
+    run_id = re.search(r"MLflow run: +([0-9a-f]{32})", out).group(1)
+    metrics = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run(run_id).data.metrics
+    for stream in ("appearance", "motion", "fused"):
+        for family in ("appearance", "motion"):
+            assert 0.0 <= metrics[f"test_{stream}_top1_{family}"] <= 1.0
+    assert any(key.startswith("val_fused_top1_") for key in metrics)  # validation too

@@ -51,6 +51,7 @@ from stresnet.config import (
 )
 from stresnet.evaluate import collect_scores, gather_scores, save_report, summary_metrics, video_report
 from stresnet.train_step import (
+    StepTotals,
     accumulation_steps,
     build_optimizer,
     forward_backward,
@@ -433,33 +434,33 @@ def train_loop(loop_config: dict) -> None:
             torch.manual_seed(step_seed(cfg.seed, rank, step))
             lr = learning_rate(cfg.train, step)
             set_learning_rate(optimizer, lr)
-            # loss sum, correct, clips, stop requested (rank 0 decides for all ranks)
-            waited, totals = 0.0, torch.zeros(4, dtype=torch.float64)
+            # loss sum, correct, clips on the device (no host sync per micro-batch); the free
+            # slot carries "stop requested" (rank 0 decides for all ranks)
+            waited, totals = 0.0, StepTotals(device)
             for micro in range(accumulation):
                 before = time.perf_counter()
                 batch = next(batches)
                 waited += time.perf_counter() - before
-                stats = forward_backward(
+                totals.add(forward_backward(
                     model, batch, accumulation, device,
                     sync_gradients=micro == accumulation - 1, bf16=bf16,
-                )
-                totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips, 0],
-                                       dtype=torch.float64)
+                ))
             if rank == 0 and (run_dir / STOP_REQUEST).exists():
-                totals[3] = 1
+                totals.tensor[3] = 1
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if world > 1:
-                torch.distributed.all_reduce(totals)  # gloo/nccl: sums over workers
+                torch.distributed.all_reduce(totals.tensor)  # gloo/nccl: sums over workers
+            step_means = totals.read()  # the step's one host/device synchronisation
             state["global_step"] = step + 1
             session_steps += 1
-            stop_requested = bool(totals[3] > 0) and state["global_step"] < total_steps
+            stop_requested = step_means["flag"] > 0 and state["global_step"] < total_steps
             if stop_requested:
                 total_steps = state["global_step"]  # checkpoint below, then leave both loops
             elapsed = time.perf_counter() - started
             metrics = {
-                "loss": float(totals[0] / totals[2]),
-                "accuracy": float(totals[1] / totals[2]),
+                "loss": step_means["loss"],
+                "accuracy": step_means["accuracy"],
                 "lr": lr,
                 "clips_per_second": clips_per_step / elapsed,
                 "data_wait_fraction": waited / elapsed,

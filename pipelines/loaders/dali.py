@@ -284,47 +284,43 @@ def _read_members(paths: list[str], where: np.ndarray, out: np.ndarray) -> bool:
     """Read member k (``where[k]`` = offset, size in ``paths[k]``) into ``out[k, :size]``: one
     ``os.preadv`` per span of neighbouring members of a file, each member once (a flow field in
     two overlapping stacks is read once and copied). False if a file is shorter than expected."""
-    scratch = memoryview(bytearray(MAX_GAP))
-    rows = memoryview(out).cast("B", shape=[out.shape[0] * out.shape[1]])
+    names = {path: i for i, path in enumerate(dict.fromkeys(paths))}
+    files = np.array([names[p] for p in paths])
+    order = np.lexsort((where[:, 0], files))
+    offsets, sizes = where[order, 0], where[order, 1]
+    same = np.zeros(len(order), dtype=bool)  # the same member as the previous row in order
+    same[1:] = (files[order][1:] == files[order][:-1]) & (offsets[1:] == offsets[:-1])
     width = out.shape[1]
-    by_path: dict[str, list[int]] = {}
-    for k, path in enumerate(paths):
-        by_path.setdefault(path, []).append(k)
-    for path, members in by_path.items():
-        members = sorted(members, key=lambda k: int(where[k, 0]))
-        first: dict[int, int] = {}  # offset -> the row that holds it
-        copies: list[tuple[int, int]] = []
-        spans: list[list[int]] = []
-        end = None
-        for k in members:
-            offset, size = int(where[k, 0]), int(where[k, 1])
-            if offset in first:
-                copies.append((k, first[offset]))
-                continue
-            first[offset] = k
-            if end is None or offset - end > MAX_GAP or len(spans[-1]) > 500:
-                spans.append([])
-            spans[-1].append(k)
-            end = offset + size
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for span in spans:
-                buffers, position = [], int(where[span[0], 0])
-                start, expected = position, 0
-                for k in span:
-                    offset, size = int(where[k, 0]), int(where[k, 1])
-                    if offset > position:
-                        buffers.append(scratch[: offset - position])
-                    buffers.append(rows[k * width : k * width + size])
-                    position = offset + size
-                expected = position - start
-                if os.preadv(fd, buffers, start) != expected:
-                    return False
-        finally:
+    flat = memoryview(out).cast("B", shape=[out.size])
+    scratch = memoryview(bytearray(MAX_GAP))
+    by_file = [p for p in names]
+    spans: list[tuple[int, int, list]] = []  # (file, start, buffers)
+    copies: list[tuple[int, int, int]] = []  # (row, row holding the same member, size)
+    end, holder = -1, -1
+    for row, file, offset, size, dup in zip(order.tolist(), files[order].tolist(),
+                                            offsets.tolist(), sizes.tolist(), same.tolist()):
+        if dup:
+            copies.append((row, holder, size))
+            continue
+        holder = row
+        if not spans or file != spans[-1][0] or offset - end > MAX_GAP or len(spans[-1][2]) > 900:
+            spans.append((file, offset, []))
+        elif offset > end:
+            spans[-1][2].append(scratch[: offset - end])
+        spans[-1][2].append(flat[row * width : row * width + size])
+        end = offset + size
+    descriptors = {}
+    try:
+        for file, start, buffers in spans:
+            if file not in descriptors:
+                descriptors[file] = os.open(by_file[file], os.O_RDONLY)
+            if os.preadv(descriptors[file], buffers, start) != sum(len(b) for b in buffers):
+                return False
+    finally:
+        for fd in descriptors.values():
             os.close(fd)
-        for k, source_row in copies:
-            size = int(where[k, 1])
-            out[k, :size] = out[source_row, :size]
+    for row, holder, size in copies:
+        out[row, :size] = out[holder, :size]
     return True
 
 

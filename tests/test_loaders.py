@@ -336,11 +336,11 @@ def test_dali_matches_cpu_across_epochs_on_two_ranks_without_rebuilding(shards, 
         dali.set_epoch(0)
         first = next(iter(dali))
         assert_same_clips(epoch_batches(cpu, 0)[0], first)
-        for epoch in (1, 2, 5):
+        for epoch in (1, 2, 5, 3):
             pairs = zip(epoch_batches(cpu, epoch), epoch_batches(dali, epoch), strict=True)
             for a, b in pairs:
                 assert_same_clips(a, b)
-        assert dali.builds == 2
+        assert dali.builds == 1
         cpu_eval = build_loader(cfg, "test", rank, 2, backend="cpu")
         dali_eval = build_loader(cfg, "test", rank, 2, backend="dali")
         expected = list(cpu_eval)
@@ -348,7 +348,7 @@ def test_dali_matches_cpu_across_epochs_on_two_ranks_without_rebuilding(shards, 
             dali_eval.set_epoch(epoch)
             for a, b in zip(expected, dali_eval, strict=True):
                 assert_same_clips(a, b)
-        assert dali_eval.builds == 2
+        assert dali_eval.builds == 1
 
 
 def test_packed_and_per_sample_hand_over_decode_identical_pixels(shards):

@@ -66,28 +66,26 @@ _SOF[[0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0x
 
 
 @dataclass
-class _Packed:
-    """One batch's JPEGs of one modality, a row each, and one metadata row per clip."""
+class _BatchRead:
+    """One batch's JPEGs, a row each: every RGB frame (clip by clip, position by position), then
+    every flow field (clip, position, x1, y1, x2, ...); and one metadata row per clip."""
 
     jpegs: np.ndarray  # (N, longest) uint8, zero-padded
-    lengths: np.ndarray  # (N, 1) int32
-    clip_rows: np.ndarray  # (N,) int: which clip (row of ``meta``/``boxes``) a JPEG belongs to
-    field: np.ndarray  # (N,) int: channel within the position (flow: 0 = x1, 1 = y1, ...)
-
-
-@dataclass
-class _BatchRead:
-    rgb: _Packed | None
-    flow: _Packed | None
+    lengths: np.ndarray  # (N,) int
+    clip: np.ndarray  # (N,) int: the clip (row of ``meta``/``boxes``) each JPEG belongs to
+    field: np.ndarray  # (N,) int: channel within its position (flow: 0 = x1, 1 = y1, ...)
+    is_rgb: np.ndarray  # (N,) bool
     meta: np.ndarray  # (clips, META_COLUMNS) int64
     boxes: np.ndarray  # (clips, 4) int32: x, y, w, h
 
 
 class _Control:
-    """Two int64 shared by the loader and its pipelines' worker processes (a small file in
-    /dev/shm): [0] the DALI epoch index below which every epoch is abandoned, [1] the offset that
-    turns ``BatchInfo.epoch_idx`` into our epoch. Workers open it by name, so it survives both
-    ``fork`` and ``spawn``."""
+    """Two int64 shared by the loader and its pipeline's worker processes (a small file in
+    /dev/shm): DALI epochs from ``values[0]`` on produce our epochs ``values[1]``, ``values[1] +
+    1``, ...; DALI epochs before ``values[0]`` are abandoned (their batches end at once). Workers
+    open it by name, so it survives both ``fork`` and ``spawn``. The loader writes it only before
+    draining and resetting the pipeline, so a task of the old epoch that reads a half-written
+    pair either stops or builds a valid batch that is drained and dropped."""
 
     def __init__(self, path: str | None = None):
         self.owner = path is None
@@ -119,15 +117,13 @@ def _unlink(path: str, pid: int) -> None:
 
 
 class _BatchReader:
-    """The external source of one modality's pipeline: batch ``iteration`` of DALI epoch
-    ``epoch_idx`` as a few dense arrays. Stateless given ``BatchInfo`` and the control block, as
-    DALI's parallel workers require; it is pickled into them."""
+    """The external source: batch ``iteration`` of DALI epoch ``epoch_idx`` as a few dense
+    arrays. Stateless given ``BatchInfo`` and the control block, as DALI's parallel workers
+    require; it is pickled into them."""
 
-    def __init__(self, source: ClipSource, schedule, modality: str, control: _Control,
-                 packed: bool = True):
+    def __init__(self, source: ClipSource, schedule, control: _Control, packed: bool = True):
         self.source = source
         self.schedule = schedule  # epoch -> list of batches of ClipRequest
-        self.modality = modality  # "rgb" or "flow"
         self.control = control
         self.packed = packed  # False: one array per JPEG (the reference the tests compare with)
         self._cache: tuple[int, list] | None = None
@@ -143,35 +139,36 @@ class _BatchReader:
         return self._cache[1]
 
     def __call__(self, info) -> tuple:
-        abandoned, offset = (int(v) for v in self.control.values)
-        batches = self.batches(offset + info.epoch_idx)
-        if info.epoch_idx < abandoned or info.iteration >= len(batches):
+        start, epoch = (int(v) for v in self.control.values)
+        if info.epoch_idx < start:  # abandoned
             raise StopIteration
-        requests = batches[info.iteration]
-        read = read_batch(self.source, requests)
-        return self._outputs(read)
+        batches = self.batches(epoch + info.epoch_idx - start)
+        if info.iteration >= len(batches):
+            raise StopIteration
+        return self.outputs(read_batch(self.source, batches[info.iteration]))
 
-    def _outputs(self, read: _BatchRead) -> tuple:
-        part = read.rgb if self.modality == "rgb" else read.flow
-        rows = part.clip_rows
-        boxes = read.boxes[rows]
-        meta = read.meta[rows]
-        mirror = meta[:, 2].astype(np.int32)
+    def outputs(self, read: _BatchRead) -> tuple:
+        """jpegs, lengths, anchors, shapes, mirror, mean, std, is_rgb, meta: one row per JPEG
+        (``meta``: the clips' rows first, flagged in its last column)."""
+        boxes = read.boxes[read.clip]
+        mirror = read.meta[read.clip, 2].astype(np.int32)
+        # A mirrored clip moves the other way: its x fields become 255 - byte, so
+        # (255 - byte - 128) / s = (byte - 127) / -s. (Median centring happens in torch.)
+        negate = (mirror == 1) & ~read.is_rgb & (read.field % 2 == 0)
+        if self.source.sampling.flow_center == "median":
+            negate[:] = False
+        mean = np.where(negate, 127.0, 128.0).astype(np.float32)[:, None]
+        std = np.where(negate, -FLOW_SCALE, FLOW_SCALE).astype(np.float32)[:, None]
+        meta = np.zeros((len(read.jpegs), META_COLUMNS + 1), np.int64)
+        meta[: len(read.meta), :META_COLUMNS] = read.meta
+        meta[: len(read.meta), META_COLUMNS] = 1
         if self.packed:
-            jpegs = part.jpegs
+            jpegs = read.jpegs
         else:
-            jpegs = [row[: int(n)].copy() for row, n in zip(part.jpegs, part.lengths[:, 0])]
-        outputs = [jpegs, part.lengths, boxes[:, :2].copy(), boxes[:, 2:].copy(), mirror, meta]
-        if self.modality == "flow":
-            # A mirrored clip moves the other way: its x fields become 255 - byte, so
-            # (255 - byte - 128) / s = (byte - 127) / -s. (Median centring happens in torch.)
-            negate = (mirror == 1) & (part.field % 2 == 0)
-            if self.source.sampling.flow_center == "median":
-                negate[:] = False
-            mean = np.where(negate, 127.0, 128.0).astype(np.float32)[:, None]
-            std = np.where(negate, -FLOW_SCALE, FLOW_SCALE).astype(np.float32)[:, None]
-            outputs += [mean, std]
-        return tuple(outputs)
+            jpegs = [row[:n].copy() for row, n in zip(read.jpegs, read.lengths.tolist())]
+        lengths = read.lengths.astype(np.int32)[:, None]
+        return (jpegs, lengths, boxes[:, :2].copy(), boxes[:, 2:].copy(), mirror, mean, std,
+                read.is_rgb.copy(), meta)
 
 
 def read_batch(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead:
@@ -181,9 +178,24 @@ def read_batch(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead:
     return fast if fast is not None else _read_reference(source, requests)
 
 
+def _layout(per_clip: dict[str, list[int]], two_l: int) -> tuple[np.ndarray, ...]:
+    """clip, field and is_rgb of every row, for ``per_clip[modality]`` = JPEGs of each clip."""
+    clip, field, is_rgb = [], [], []
+    for modality, counts in per_clip.items():
+        per_position = 1 if modality == "rgb" else two_l
+        for c, n in enumerate(counts):
+            clip.append(np.full(n, c))
+            field.append(np.arange(n) % per_position)
+            is_rgb.append(np.full(n, modality == "rgb"))
+    return np.concatenate(clip), np.concatenate(field), np.concatenate(is_rgb)
+
+
 def _read_fast(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead | None:
-    two_l = 2 * source.flow_length
-    tables: dict[str, list[np.ndarray]] = {"rgb": [], "flow": []}
+    tables: dict[str, list[np.ndarray]] = {}
+    if source.use_rgb:
+        tables["rgb"] = []
+    if source.use_flow:
+        tables["flow"] = []
     refs, plans = [], []
     for request in requests:
         try:
@@ -205,31 +217,22 @@ def _read_fast(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead | 
             tables["flow"].append(table[1:3, fields].transpose(1, 0, 2).reshape(-1, 2))
         refs.append(ref)
         plans.append(plan)
-
-    parts: dict[str, _Packed | None] = {"rgb": None, "flow": None}
-    for modality, per_clip in tables.items():
-        if not per_clip:
-            continue
-        where = np.concatenate(per_clip)
-        if (where[:, 0] < 0).any():
-            return None
-        rows = np.repeat(np.arange(len(per_clip)), [len(t) for t in per_clip])
-        longest = _align(int(where[:, 1].max()))
-        jpegs = np.empty((len(where), longest), dtype=np.uint8)
-        paths = [refs[r].path for r in rows]
-        if not _read_members(paths, where, jpegs):
-            return None
-        heights = np.array([refs[r].height for r in rows])
-        widths = np.array([refs[r].width for r in rows])
-        lengths = where[:, 1]
-        if not check_packed(jpegs, lengths, heights, widths).all():
-            return None
-        per_position = 1 if modality == "rgb" else two_l
-        field = np.concatenate([np.arange(len(t)) % per_position for t in per_clip])
-        parts[modality] = _Packed(jpegs, lengths.astype(np.int32)[:, None], rows, field)
+    where = np.concatenate([t for per_clip in tables.values() for t in per_clip])
+    if (where[:, 0] < 0).any():
+        return None
+    clip, field, is_rgb = _layout(
+        {m: [len(t) for t in per_clip] for m, per_clip in tables.items()}, 2 * source.flow_length
+    )
+    jpegs = np.empty((len(where), _align(int(where[:, 1].max()))), dtype=np.uint8)
+    if not _read_members([refs[c].path for c in clip.tolist()], where, jpegs):
+        return None
+    heights = np.array([r.height for r in refs])[clip]
+    widths = np.array([r.width for r in refs])[clip]
+    if not check_packed(jpegs, where[:, 1], heights, widths).all():
+        return None
     meta = np.array([[r.index, 0, p.flip, 1, r.view] for r, p in zip(requests, plans)], np.int64)
     boxes = np.array([[p.box.x, p.box.y, p.box.w, p.box.h] for p in plans], np.int32)
-    return _BatchRead(parts["rgb"], parts["flow"], meta, boxes)
+    return _BatchRead(jpegs, where[:, 1], clip, field, is_rgb, meta, boxes)
 
 
 def _read_reference(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead:
@@ -244,26 +247,24 @@ def _read_reference(source: ClipSource, requests: list[ClipRequest]) -> _BatchRe
     if not clips:
         request = requests[0]
         clips.append((_stand_in(source, request), 0, request.view))
-    parts = {}
-    for modality in ("rgb", "flow"):
-        if not (source.use_rgb if modality == "rgb" else source.use_flow):
-            parts[modality] = None
-            continue
-        blobs = [getattr(clip, modality) for clip, _, _ in clips]
-        rows = np.repeat(np.arange(len(blobs)), [len(b) for b in blobs])
-        flat = [b for per_clip in blobs for b in per_clip]
-        lengths = np.array([len(b) for b in flat], dtype=np.int64)
-        jpegs = np.zeros((len(flat), _align(int(lengths.max()))), dtype=np.uint8)
-        for row, blob in zip(jpegs, flat):
-            row[: len(blob)] = np.frombuffer(blob, np.uint8)
-        per_position = 1 if modality == "rgb" else 2 * source.flow_length
-        field = np.concatenate([np.arange(len(b)) % per_position for b in blobs])
-        parts[modality] = _Packed(jpegs, lengths.astype(np.int32)[:, None], rows, field)
+    blobs: dict[str, list[list[bytes]]] = {}
+    if source.use_rgb:
+        blobs["rgb"] = [clip.rgb for clip, _, _ in clips]
+    if source.use_flow:
+        blobs["flow"] = [clip.flow for clip, _, _ in clips]
+    flat = [b for per_clip in blobs.values() for blob in per_clip for b in blob]
+    lengths = np.array([len(b) for b in flat], dtype=np.int64)
+    jpegs = np.zeros((len(flat), _align(int(lengths.max()))), dtype=np.uint8)
+    for row, blob in zip(jpegs, flat):
+        row[: len(blob)] = np.frombuffer(blob, np.uint8)
+    clip, field, is_rgb = _layout(
+        {m: [len(b) for b in per_clip] for m, per_clip in blobs.items()}, 2 * source.flow_length
+    )
     meta = np.array([[c.index, c.skipped, c.plan.flip, keep, view] for c, keep, view in clips],
                     np.int64)
     boxes = np.array([[c.plan.box.x, c.plan.box.y, c.plan.box.w, c.plan.box.h]
                       for c, _, _ in clips], np.int32)
-    return _BatchRead(parts["rgb"], parts["flow"], meta, boxes)
+    return _BatchRead(jpegs, lengths, clip, field, is_rgb, meta, boxes)
 
 
 def _stand_in(source: ClipSource, request: ClipRequest) -> EncodedClip:
@@ -412,7 +413,7 @@ def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: i
                     settings: DecodeSettings, hint: int):
     from nvidia.dali import fn, pipeline_def
 
-    color = reader.modality == "rgb"
+    source = reader.source
     parallel = workers > 0
     start_method = "spawn" if torch.cuda.is_initialized() else "fork"  # no fork after CUDA init
 
@@ -421,27 +422,34 @@ def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: i
         py_num_workers=max(1, workers), py_start_method=start_method, prefetch_queue_depth=2,
     )
     def clip_pipeline():
-        # depth >= workers keeps every worker busy; the hint sizes the shared memory once
         extra = {}
-        if parallel:
+        if parallel:  # depth >= workers keeps every worker busy; the hint sizes shared memory once
             extra = {"prefetch_queue_depth": 2 * workers, "bytes_per_sample_hint": hint}
-        outputs = fn.external_source(
-            reader, num_outputs=6 if color else 8, batch=True, batch_info=True,
-            parallel=parallel, **extra,
+        jpegs, lengths, anchors, shapes, mirror, mean, std, is_rgb, meta = fn.external_source(
+            reader, num_outputs=9, batch=True, batch_info=True, parallel=parallel, **extra,
         )
-        jpegs, lengths, anchors, shapes, mirror, meta = outputs[:6]
         if reader.packed:
             jpegs = fn.slice(jpegs, start=[0], shape=lengths, axes=[0])
-        if color:
+        per_jpeg = (jpegs, anchors, shapes, mirror, mean, std)
+        if source.use_rgb and source.use_flow:
+            # One batch, two sub-batches: every RGB frame, every flow field. (DALI's conditional
+            # split: what `if` compiles to with enable_conditionals, without merging back.)
+            halves = [fn._conditional.split(x, predicate=is_rgb) for x in per_jpeg]
+            rgb_args, flow_args = [h[0] for h in halves], [h[1] for h in halves]
+        else:
+            rgb_args = flow_args = per_jpeg
+        outputs = []
+        # network_input is looked up when the pipeline is built: the benchmarks stub it
+        if source.use_rgb:
             mean = [m * 255 for m in IMAGENET_MEAN]
             std = [s * 255 for s in IMAGENET_STD]
-        elif reader.source.sampling.flow_center == "median":
-            mean, std = [0.0], [1.0]  # bytes as float: centred and negated in torch
-        else:
-            mean, std = outputs[6], outputs[7]
-        # network_input is looked up when the pipeline is built: the benchmarks stub it
-        image = network_input(jpegs, anchors, shapes, mirror, mean, std, color, size, settings)
-        return image, meta
+            outputs.append(network_input(*rgb_args[:4], mean, std, True, size, settings))
+        if source.use_flow:
+            mean, std = flow_args[4:]
+            if source.sampling.flow_center == "median":
+                mean, std = [0.0], [1.0]  # bytes as float: centred and negated in torch
+            outputs.append(network_input(*flow_args[:4], mean, std, False, size, settings))
+        return (*outputs, meta)
 
     pipe = clip_pipeline()
     pipe.build()
@@ -467,10 +475,10 @@ class DaliClipLoader:
         self.packed = True  # False: hand JPEGs over one array each (the tests' reference)
         self.epoch = 0
         self.skipped = 0
-        self.builds = 0  # pipelines built (one per modality, once per loader)
-        self._pipes: dict[str, object] = {}
+        self.builds = 0  # pipelines built: one per loader
+        self._pipe = None
         self._control: _Control | None = None
-        self._dali_epoch = 0  # BatchInfo.epoch_idx of the pipelines' current epoch
+        self._dali_epoch = 0  # BatchInfo.epoch_idx of the pipeline's current epoch
         self._consumed = 0  # batches of it handed out so far
 
     def set_epoch(self, epoch: int) -> None:
@@ -479,53 +487,44 @@ class DaliClipLoader:
     def __len__(self) -> int:
         return len(self.schedule(self.epoch))
 
-    def modalities(self) -> list[str]:
-        return [m for m, used in (("rgb", self.source.use_rgb), ("flow", self.source.use_flow))
-                if used]
-
     def __iter__(self):
         self._start_epoch(self.epoch)
-        batches = self.schedule(self.epoch)
-        for requests in batches:
+        for requests in self.schedule(self.epoch):
             if not requests:
                 yield self._empty_batch()
                 continue
-            outputs = {m: self._pipes[m].run() for m in self._pipes}
+            outputs = self._pipe.run()
             self._consumed += 1
             yield self._batch(outputs, requests)
-        self._finish_epoch(abandon=False)
+        self._finish_epoch()
 
-    # -- the pipelines' epochs -------------------------------------------------------------
+    # -- the pipeline's epochs -------------------------------------------------------------
 
     def _start_epoch(self, epoch: int) -> None:
-        """Make the pipelines' current DALI epoch produce ``epoch`` from its first batch."""
-        if not self._pipes:
+        """Make the pipeline's current DALI epoch produce ``epoch`` from its first batch."""
+        if self._pipe is None:
             self._control = _Control()
             self._control.values[:] = (0, epoch)
             self._build()
             self._dali_epoch, self._consumed = 0, 0
             return
-        current = int(self._control.values[1]) + self._dali_epoch
+        start, first = (int(v) for v in self._control.values)
+        current = first + self._dali_epoch - start
         if self._consumed == 0 and (current == epoch or self.schedule.num_views):
             return  # already prefetching exactly this epoch (evaluation: every epoch is)
-        self._finish_epoch(abandon=True, next_epoch=epoch)
+        # the rest of the current DALI epoch is abandoned; the next one produces ``epoch``
+        self._control.values[:] = (self._dali_epoch + 1, epoch)
+        self._finish_epoch()
 
-    def _finish_epoch(self, abandon: bool, next_epoch: int | None = None) -> None:
-        """End the current DALI epoch (abandoning what is left of it) and start the next one,
-        which produces ``next_epoch`` (default: the epoch after the current one)."""
-        values = self._control.values
-        if abandon:
-            values[0] = self._dali_epoch + 1  # workers answer StopIteration from now on
-        for pipe in self._pipes.values():
-            try:
-                while True:  # at most the batches already prefetched
-                    pipe.run()
-            except StopIteration:
-                pass
-        if next_epoch is not None:
-            values[1] = next_epoch - (self._dali_epoch + 1)
-        for pipe in self._pipes.values():
-            pipe.reset()  # workers start prefetching the next epoch now
+    def _finish_epoch(self) -> None:
+        """Drain the current DALI epoch (at most the batches already prefetched) and start the
+        next one: the workers begin prefetching it at once."""
+        try:
+            while True:
+                self._pipe.run()
+        except StopIteration:
+            pass
+        self._pipe.reset()
         self._dali_epoch += 1
         self._consumed = 0
 
@@ -541,17 +540,13 @@ class DaliClipLoader:
             max_width=max((r.width for r in refs), default=0),
         )
         longest = max((int(r.members[:, :, 1].max()) for r in refs if r.members.size), default=1)
-        clips = self.batch_size
-        positions = self._frames_per_clip()
-        for modality in self.modalities():
-            per_clip = positions * (1 if modality == "rgb" else 2 * self.source.flow_length)
-            reader = _BatchReader(self.source, self.schedule, modality, self._control,
-                                  self.packed)
-            hint = _align(longest) + 64 + 8 * META_COLUMNS  # one row + its arguments
-            self._pipes[modality] = _build_pipeline(
-                reader, clips * per_clip, self.size, self.workers, settings, hint
-            )
-            self.builds += 1
+        per_position = int(self.source.use_rgb) + 2 * self.source.flow_length * int(
+            self.source.use_flow)
+        jpegs = self.batch_size * self._frames_per_clip() * per_position
+        reader = _BatchReader(self.source, self.schedule, self._control, self.packed)
+        hint = _align(longest) + 64 + 8 * (META_COLUMNS + 1)  # one row and its arguments
+        self._pipe = _build_pipeline(reader, jpegs, self.size, self.workers, settings, hint)
+        self.builds += 1
 
     def _frames_per_clip(self) -> int:
         if self.source.whole_video:
@@ -560,38 +555,25 @@ class DaliClipLoader:
 
     # -- outputs -> batch dict -------------------------------------------------------------
 
-    def _batch(self, outputs: dict, requests: list[ClipRequest]) -> dict:
-        images, metas = {}, {}
-        for modality, (image, meta) in outputs.items():
-            images[modality] = torch.from_dlpack(image.as_tensor())  # no copy; stream-ordered
-            metas[modality] = torch.from_dlpack(meta.as_tensor())
-        two_l = 2 * self.source.flow_length
-        per_sample = {"rgb": 1, "flow": two_l}
-        # the metadata of each clip, from the first sample of each clip
-        clips = {m: self._clip_rows(metas[m], per_sample[m]) for m in metas}
-        first = next(iter(clips.values()))
-        if len(clips) == 2 and not torch.equal(clips["rgb"], clips["flow"]):
-            raise RuntimeError("DALI loader: the RGB and flow pipelines went out of step")
+    def _batch(self, outputs, requests: list[ClipRequest]) -> dict:
+        # no copy: the tensors keep DALI's buffers alive; on a GPU the consumer's current
+        # stream waits for DALI's (no host synchronisation)
+        *images, meta = [torch.from_dlpack(o.as_tensor()) for o in outputs]
+        first = meta[meta[:, META_COLUMNS] == 1]  # one row per clip
         kept = first[:, 3].bool()
         used = [int(i) for i in first[kept, 0]]
         skipped = int(first[:, 1].sum()) + len(requests) - len(used)
         self.skipped += skipped
         views = None if requests[0].train else [int(v) for v in first[kept, 4]]
-        clip_count = len(first)
         rgb = flow = None
-        if "rgb" in images:
-            rgb = self._clips(images["rgb"], kept, clip_count, 3)
-        if "flow" in images:
-            flow = self._clips(images["flow"], kept, clip_count, two_l)
+        if self.source.use_rgb:
+            rgb = self._clips(images.pop(0), kept, len(first), 3)
+        if self.source.use_flow:
+            flow = self._clips(images.pop(0), kept, len(first), 2 * self.source.flow_length)
             if self.source.sampling.flow_center == "median":  # bytes: centre in torch
                 _, flow = normalize_clip(None, flow.permute(0, 1, 3, 4, 2),
                                          first[kept, 2].bool(), "median")
         return batch_dict(self.source, used, views, rgb, flow, skipped)
-
-    def _clip_rows(self, meta: torch.Tensor, per_position: int) -> torch.Tensor:
-        if self.source.whole_video:  # one clip per batch
-            return meta[:1]
-        return meta[:: self.frames * per_position]
 
     @staticmethod
     def _clips(images: torch.Tensor, kept: torch.Tensor, clips: int, channels: int):

@@ -51,9 +51,13 @@ from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, normalize
 
 log = logging.getLogger(__name__)
 
-# Per-sample metadata columns: sample used, damaged samples skipped, flip, keep (0 = stand-in),
-# view. Every sample of a clip carries its clip's row; the loader reads the first of each clip.
+# Every JPEG's int32 argument row (``_BatchReader.outputs``): its crop anchor (x, y) and shape
+# (w, h), mirror flag, modality, byte length, then -- in the first rows only, one per clip --
+# the clip's metadata: sample used, damaged samples skipped, flip, keep (0 = stand-in), view,
+# and 1 marking the row as a clip row.
+ANCHOR, SHAPE, MIRROR, IS_RGB, LENGTH, META = 0, 2, 4, 5, 6, 7
 META_COLUMNS = 5
+ARG_COLUMNS = META + META_COLUMNS + 1
 # Members of one shard closer than this are read with one preadv (the gap lands in a scratch
 # buffer): a tar member is preceded by 1-2 KB of headers, so a clip's frames of one kind are one
 # span.
@@ -148,27 +152,31 @@ class _BatchReader:
         return self.outputs(read_batch(self.source, batches[info.iteration]))
 
     def outputs(self, read: _BatchRead) -> tuple:
-        """jpegs, lengths, anchors, shapes, mirror, mean, std, is_rgb, meta: one row per JPEG
-        (``meta``: the clips' rows first, flagged in its last column)."""
-        boxes = read.boxes[read.clip]
-        mirror = read.meta[read.clip, 2].astype(np.int32)
+        """(jpegs, args, normalisation): one row per JPEG; ``args`` as described at ARG_COLUMNS,
+        ``normalisation`` = (mean, std) of a flow field."""
+        n = len(read.jpegs)
+        args = np.zeros((n, ARG_COLUMNS), np.int32)
+        args[:, ANCHOR : ANCHOR + 2] = read.boxes[read.clip, :2]
+        args[:, SHAPE : SHAPE + 2] = read.boxes[read.clip, 2:]
+        args[:, MIRROR] = read.meta[read.clip, 2]
+        args[:, IS_RGB] = read.is_rgb
+        args[:, LENGTH] = read.lengths
+        clips = len(read.meta)
+        args[:clips, META : META + META_COLUMNS] = read.meta
+        args[:clips, META + META_COLUMNS] = 1
         # A mirrored clip moves the other way: its x fields become 255 - byte, so
         # (255 - byte - 128) / s = (byte - 127) / -s. (Median centring happens in torch.)
-        negate = (mirror == 1) & ~read.is_rgb & (read.field % 2 == 0)
+        negate = (args[:, MIRROR] == 1) & ~read.is_rgb & (read.field % 2 == 0)
         if self.source.sampling.flow_center == "median":
             negate[:] = False
-        mean = np.where(negate, 127.0, 128.0).astype(np.float32)[:, None]
-        std = np.where(negate, -FLOW_SCALE, FLOW_SCALE).astype(np.float32)[:, None]
-        meta = np.zeros((len(read.jpegs), META_COLUMNS + 1), np.int64)
-        meta[: len(read.meta), :META_COLUMNS] = read.meta
-        meta[: len(read.meta), META_COLUMNS] = 1
+        normalisation = np.empty((n, 2), np.float32)
+        normalisation[:, 0] = np.where(negate, 127.0, 128.0)
+        normalisation[:, 1] = np.where(negate, -FLOW_SCALE, FLOW_SCALE)
         if self.packed:
             jpegs = read.jpegs
         else:
-            jpegs = [row[:n].copy() for row, n in zip(read.jpegs, read.lengths.tolist())]
-        lengths = read.lengths.astype(np.int32)[:, None]
-        return (jpegs, lengths, boxes[:, :2].copy(), boxes[:, 2:].copy(), mirror, mean, std,
-                read.is_rgb.copy(), meta)
+            jpegs = [row[:k].copy() for row, k in zip(read.jpegs, read.lengths.tolist())]
+        return jpegs, args, normalisation
 
 
 def read_batch(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead:
@@ -411,7 +419,7 @@ def network_input(jpegs, anchors, shapes, mirror, mean, std, color: bool, size: 
 
 def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: int,
                     settings: DecodeSettings, hint: int):
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import fn, pipeline_def, types
 
     source = reader.source
     parallel = workers > 0
@@ -425,31 +433,36 @@ def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: i
         extra = {}
         if parallel:  # depth >= workers keeps every worker busy; the hint sizes shared memory once
             extra = {"prefetch_queue_depth": 2 * workers, "bytes_per_sample_hint": hint}
-        jpegs, lengths, anchors, shapes, mirror, mean, std, is_rgb, meta = fn.external_source(
-            reader, num_outputs=9, batch=True, batch_info=True, parallel=parallel, **extra,
+        jpegs, args, normalisation = fn.external_source(
+            reader, num_outputs=3, batch=True, batch_info=True, parallel=parallel, **extra,
         )
         if reader.packed:
-            jpegs = fn.slice(jpegs, start=[0], shape=lengths, axes=[0])
-        per_jpeg = (jpegs, anchors, shapes, mirror, mean, std)
+            jpegs = fn.slice(jpegs, start=[0], shape=args[LENGTH : LENGTH + 1], axes=[0])
+        parts = {"rgb": (jpegs, args, normalisation), "flow": (jpegs, args, normalisation)}
         if source.use_rgb and source.use_flow:
             # One batch, two sub-batches: every RGB frame, every flow field. (DALI's conditional
             # split: what `if` compiles to with enable_conditionals, without merging back.)
-            halves = [fn._conditional.split(x, predicate=is_rgb) for x in per_jpeg]
-            rgb_args, flow_args = [h[0] for h in halves], [h[1] for h in halves]
-        else:
-            rgb_args = flow_args = per_jpeg
+            is_rgb = fn.cast(args[IS_RGB], dtype=types.BOOL)
+            halves = [fn._conditional.split(x, predicate=is_rgb) for x in parts["rgb"]]
+            parts = {"rgb": [h[0] for h in halves], "flow": [h[1] for h in halves]}
         outputs = []
-        # network_input is looked up when the pipeline is built: the benchmarks stub it
-        if source.use_rgb:
-            mean = [m * 255 for m in IMAGENET_MEAN]
-            std = [s * 255 for s in IMAGENET_STD]
-            outputs.append(network_input(*rgb_args[:4], mean, std, True, size, settings))
-        if source.use_flow:
-            mean, std = flow_args[4:]
-            if source.sampling.flow_center == "median":
+        for modality, used in (("rgb", source.use_rgb), ("flow", source.use_flow)):
+            if not used:
+                continue
+            jpegs, args_part, norm = parts[modality]
+            if modality == "rgb":
+                mean = [m * 255 for m in IMAGENET_MEAN]
+                std = [s * 255 for s in IMAGENET_STD]
+            elif source.sampling.flow_center == "median":
                 mean, std = [0.0], [1.0]  # bytes as float: centred and negated in torch
-            outputs.append(network_input(*flow_args[:4], mean, std, False, size, settings))
-        return (*outputs, meta)
+            else:
+                mean, std = norm[0:1], norm[1:2]
+            # network_input is looked up when the pipeline is built: the benchmarks stub it
+            outputs.append(network_input(
+                jpegs, args_part[ANCHOR : ANCHOR + 2], args_part[SHAPE : SHAPE + 2],
+                args_part[MIRROR], mean, std, modality == "rgb", size, settings,
+            ))
+        return (*outputs, args)
 
     pipe = clip_pipeline()
     pipe.build()
@@ -544,7 +557,7 @@ class DaliClipLoader:
             self.source.use_flow)
         jpegs = self.batch_size * self._frames_per_clip() * per_position
         reader = _BatchReader(self.source, self.schedule, self._control, self.packed)
-        hint = _align(longest) + 64 + 8 * (META_COLUMNS + 1)  # one row and its arguments
+        hint = _align(longest) + 4 * ARG_COLUMNS + 8 + 64  # one row and its arguments
         self._pipe = _build_pipeline(reader, jpegs, self.size, self.workers, settings, hint)
         self.builds += 1
 
@@ -556,32 +569,33 @@ class DaliClipLoader:
     # -- outputs -> batch dict -------------------------------------------------------------
 
     def _batch(self, outputs, requests: list[ClipRequest]) -> dict:
+        *images, args = outputs
         # no copy: the tensors keep DALI's buffers alive; on a GPU the consumer's current
         # stream waits for DALI's (no host synchronisation)
-        *images, meta = [torch.from_dlpack(o.as_tensor()) for o in outputs]
-        first = meta[meta[:, META_COLUMNS] == 1]  # one row per clip
-        kept = first[:, 3].bool()
-        used = [int(i) for i in first[kept, 0]]
+        images = [torch.from_dlpack(image.as_tensor()) for image in images]
+        args = np.asarray(args.as_tensor())  # always on the CPU
+        first = args[args[:, META + META_COLUMNS] == 1, META : META + META_COLUMNS]  # per clip
+        kept = first[:, 3] == 1
+        used = first[kept, 0].tolist()
         skipped = int(first[:, 1].sum()) + len(requests) - len(used)
         self.skipped += skipped
-        views = None if requests[0].train else [int(v) for v in first[kept, 4]]
+        views = None if requests[0].train else first[kept, 4].tolist()
+        keep = None if kept.all() else torch.from_numpy(kept)
         rgb = flow = None
         if self.source.use_rgb:
-            rgb = self._clips(images.pop(0), kept, len(first), 3)
+            rgb = self._clips(images.pop(0), keep, len(first), 3)
         if self.source.use_flow:
-            flow = self._clips(images.pop(0), kept, len(first), 2 * self.source.flow_length)
+            flow = self._clips(images.pop(0), keep, len(first), 2 * self.source.flow_length)
             if self.source.sampling.flow_center == "median":  # bytes: centre in torch
-                _, flow = normalize_clip(None, flow.permute(0, 1, 3, 4, 2),
-                                         first[kept, 2].bool(), "median")
+                flips = torch.from_numpy(first[kept, 2] == 1)
+                _, flow = normalize_clip(None, flow.permute(0, 1, 3, 4, 2), flips, "median")
         return batch_dict(self.source, used, views, rgb, flow, skipped)
 
     @staticmethod
-    def _clips(images: torch.Tensor, kept: torch.Tensor, clips: int, channels: int):
+    def _clips(images: torch.Tensor, keep: torch.Tensor | None, clips: int, channels: int):
         """(clips*T*channels/C, C, S, S) DALI samples -> (B, T, channels, S, S) kept clips."""
         out = images.reshape(clips, -1, channels, *images.shape[-2:])
-        if not kept.all():
-            out = out[kept.to(out.device)]
-        return out
+        return out if keep is None else out[keep.to(out.device)]
 
     def _empty_batch(self) -> dict:
         def empty(channels: int) -> torch.Tensor:

@@ -6,28 +6,28 @@ different ~20% of them every epoch. So Python workers (``parallel=True``) run th
 plan and read exactly the selected members from the shards; DALI does the heavy part.
 
 **One decoder per modality.** A batch of B clips of T positions is B*T RGB JPEGs and B*T*2L flow
-JPEGs, and one DALI pipeline has one batch size, so each modality has its own pipeline: the RGB
-pipeline's sample is one RGB frame, the flow pipeline's sample is one flow field (x1, y1, x2, ...
-of a position's stack). Each runs one ``fn.decoders.image_slice`` over its whole batch (only the
-crop region; ``device="mixed"`` = nvJPEG on a GPU, libjpeg-turbo on the CPU), one ``fn.resize``
-and one ``fn.crop_mirror_normalize`` that mirrors, normalises (``stresnet.sampling``: ImageNet
-statistics for RGB, ``(byte - 128) / FLOW_SCALE`` for flow, with a flipped x field negated as
-``255 - byte``) and writes CHW float (float16 on a GPU under bf16 autocast): the network's input.
-``torch.from_dlpack`` hands it over without a copy (on the GPU, ordered on the current stream).
+JPEGs, each one DALI sample of one pipeline. DALI's conditional split divides the batch into an
+RGB and a flow sub-batch, and each runs one ``fn.decoders.image_slice`` over all of its JPEGs
+(only the crop region; ``device="mixed"`` = nvJPEG on a GPU, libjpeg-turbo on the CPU), one
+``fn.resize`` and one ``fn.crop_mirror_normalize`` that mirrors, normalises (ImageNet statistics
+for RGB, ``(byte - 128) / FLOW_SCALE`` for flow, a flipped x field negated as ``255 - byte``, as
+``stresnet.sampling.normalize_clip`` does for the CPU loader) and writes CHW float (float16 on a
+GPU under bf16 autocast): the network's input. ``torch.from_dlpack`` hands it over without a copy
+(on the GPU, ordered on the current stream).
 
-**Batch-level hand-over.** A worker returns a handful of dense arrays per batch: every JPEG of
-the batch as one row of a zero-padded ``(N, longest)`` uint8 array plus its length (``fn.slice``
-cuts the rows back to the exact bytes inside DALI), and stacked crop boxes, mirror flags,
-normalisation and per-sample metadata. The training process's main thread therefore handles a
-few arrays per batch instead of one per JPEG. Workers read each shard once per span of
-neighbouring members (``os.preadv`` straight into the rows) and check every JPEG's markers and
-size with vectorised code; any clip that is not perfectly in order sends the whole batch through
-the reference path (``ClipSource.load``: the same checks, warnings and substitutions as the CPU
-loader), so both loaders skip the same samples.
+**Batch-level hand-over.** A worker returns three dense arrays per batch: every JPEG of the
+batch as one row of a zero-padded ``(N, longest)`` uint8 array (``fn.slice`` cuts the rows back to
+the exact bytes inside DALI), one int32 row of arguments per JPEG (crop, mirror, modality,
+length, and the clips' metadata), and the flow normalisation. The training process's main thread
+therefore feeds three arrays per batch instead of one per JPEG. Workers read each shard once per
+span of neighbouring members (``os.preadv`` straight into the rows) and check every JPEG's
+markers and size with vectorised code; any clip that is not perfectly in order sends the whole
+batch through the reference path (``ClipSource.load``: the same checks, warnings and
+substitutions as the CPU loader), so both loaders skip the same samples.
 
-**Built once.** The pipelines live as long as the loader. A DALI epoch is one of our epochs; its
-number is ``offset + BatchInfo.epoch_idx`` with ``offset`` in a small shared control block, so
-any epoch can follow any other without a rebuild. An epoch left early (``steps_per_epoch <
+**Built once.** The pipeline lives as long as the loader. A small control block shared with the
+workers says which DALI epoch (``BatchInfo.epoch_idx``) produces which of our epochs, so any
+epoch can follow any other without a rebuild. An epoch left early (``steps_per_epoch <
 len(loader)``, or a resumed run) is abandoned through the same block (its remaining batches end
 with ``StopIteration`` at once) and drained; the evaluation loader's epochs are all the same.
 """

@@ -6,9 +6,9 @@
 Measures, on UCF101-shaped shards written on the fly (341x256 frames, T=5, L=10: 105 JPEGs per
 clip; ``--quick``: tiny frames and counts):
 
-1. **Parity**: one epoch of the DALI loader (``mixed`` = nvJPEG on the GPU) against the CPU
-   loader: the same clips, pixel differences in grey levels (target <= 3), and the batches are on
-   the device.
+1. **Parity**: two epochs of the DALI loader (``mixed`` = nvJPEG on the GPU) against the CPU
+   loader: the same clips, pixel differences in grey levels (target <= 3), the batches are on the
+   device, and the packed hand-over decodes to exactly the pixels of one array per JPEG.
 2. **Loader throughput**: clips/s with 1 vs 4 Python workers and batch 8 vs 32; the training
    process's main-thread CPU per clip next to its whole-process CPU per clip (decoding threads
    included: a large gap means decoding fell back to the CPU); the longest wait for the first
@@ -113,6 +113,17 @@ def check_parity(report: Report, shards: Path, args: argparse.Namespace) -> None
             flow = (a["flow"] - b["flow"].float().cpu()).abs() * FLOW_SCALE
             worst_rgb, worst_flow = max(worst_rgb, float(rgb.max())), max(worst_flow, float(flow.max()))
             clips += len(b["video_id"])
+    # packed rows vs one array per JPEG: the same decoder input, so identical pixels
+    per_sample = build_loader(cfg, "train", 0, 1, backend="dali")
+    per_sample.packed = False
+    for loader in (dali, per_sample):
+        loader.set_epoch(2)
+    identical = all(
+        torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["flow"], b["flow"])
+        for a, b in zip(dali, per_sample, strict=True)
+    )
+    report.add("parity", "packed vs per-sample hand-over: identical pixels",
+               "yes" if identical else "NO")
     verdict = "ok" if max(worst_rgb, worst_flow) <= 3 else "FAILS (> 3 grey levels)"
     report.add("parity", f"DALI vs CPU loader, {clips} clips, 2 epochs: max |diff| RGB / flow",
                f"{worst_rgb:.2f} / {worst_flow:.2f} grey levels: {verdict}")

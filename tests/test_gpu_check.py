@@ -16,5 +16,6 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(capsys):
     for section in ("[parity]", "[loader]", "[decode]", "[train step]", "[ray train]"):
         assert section in out
     assert "grey levels: ok" in out and "DALI batches on the device: yes" in out
+    assert "hand-over: identical pixels: yes" in out
     decode_rows = [line for line in out.splitlines() if line.startswith("[decode] hw_decoder_load")]
     assert len(decode_rows) == 3

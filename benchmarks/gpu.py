@@ -151,11 +151,12 @@ def loader_grid(report: Report, shards: Path, args: argparse.Namespace) -> None:
 
 
 def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
-    """JPEG/s of the loader's decoder alone, on one packed batch fed again and again."""
+    """JPEG/s of the loader's decoders alone (RGB frames in colour, flow fields in grey, crops
+    only), on one packed batch of 32 clips fed again and again."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipelines.loaders.dali import ANCHOR, LENGTH, SHAPE, _BatchReader
     from pipelines.loaders.clips import ClipSource
+    from pipelines.loaders.dali import ANCHOR, IS_RGB, LENGTH, SHAPE, _BatchReader
     from pipelines.loaders.schedule import Schedule
     from pipelines.loaders.shards import ShardIndex
 
@@ -169,14 +170,21 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
         @pipeline_def(batch_size=len(jpegs), num_threads=args.decode_threads,
                       device_id=0 if gpu else None, prefetch_queue_depth=2)
         def decode():
-            data = fn.external_source(lambda: jpegs, batch=True)
-            extra = fn.external_source(lambda: arguments, batch=True)
+            data = fn.external_source(lambda: jpegs, batch=True, no_copy=True)
+            extra = fn.external_source(lambda: arguments, batch=True, no_copy=True)
             data = fn.slice(data, start=[0], shape=extra[LENGTH : LENGTH + 1], axes=[0])
+            is_rgb = fn.cast(extra[IS_RGB], dtype=types.BOOL)
+            halves = [fn._conditional.split(x, predicate=is_rgb) for x in (data, extra)]
             hints = {"hw_decoder_load": load} if gpu else {}
-            return fn.decoders.image_slice(
-                data, extra[ANCHOR : ANCHOR + 2], extra[SHAPE : SHAPE + 2], axis_names="WH",
-                normalized_anchor=False, normalized_shape=False, output_type=types.RGB,
-                jpeg_fancy_upsampling=True, device="mixed" if gpu else "cpu", **hints)
+            outputs = []
+            for half, colour in ((0, types.RGB), (1, types.GRAY)):
+                data_half, extra_half = halves[0][half], halves[1][half]
+                outputs.append(fn.decoders.image_slice(
+                    data_half, extra_half[ANCHOR : ANCHOR + 2], extra_half[SHAPE : SHAPE + 2],
+                    axis_names="WH", normalized_anchor=False, normalized_shape=False,
+                    output_type=colour, jpeg_fancy_upsampling=True,
+                    device="mixed" if gpu else "cpu", **hints))
+            return tuple(outputs)
 
         pipe = decode()
         pipe.build()
@@ -186,6 +194,8 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
         while time.perf_counter() - start < args.seconds:
             pipe.run()
             runs += 1
+        if gpu:
+            torch.cuda.synchronize()
         rate = runs * len(jpegs) / (time.perf_counter() - start)
         need = TARGET_CLIPS * JPEGS_PER_CLIP
         report.add("decode", f"hw_decoder_load {load}: JPEG/s ({args.decode_threads} CPU threads)",

@@ -158,7 +158,7 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
     from pipelines.loaders.clips import ClipSource
     from pipelines.loaders.dali import ANCHOR, IS_RGB, LENGTH, SHAPE, _BatchReader
     from pipelines.loaders.schedule import Schedule
-    from pipelines.loaders.shards import ShardIndex
+    from pipelines.loaders.shard_reader import ShardIndex
 
     cfg = loader_config(shards, args, workers=0, batch=32)
     index = ShardIndex(shards, "many")

@@ -26,6 +26,10 @@ The timed part starts after one warm-up epoch (worker start-up and pipeline buil
 covers ``--epochs`` epochs; the rows run in turn ``--repeats`` times (the machine may be shared)
 and the table shows the median. Time to the first batch is reported separately.
 
+Start-up: the CPU time of building the split's ``ShardIndex`` from the shards' index files (``NAME.tar.idx``, as
+``stresnet shards`` writes them) and, on a copy without them, by scanning the tar headers (the
+fallback for shards made by other tools), each the median of ``--repeats`` interleaved builds.
+
     .venv/bin/python -m benchmarks.loaders                # this machine, CPU rows
     python -m benchmarks.loaders --device cuda --videos 256 --size 224 --height 256 --width 340
 """
@@ -46,17 +50,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-import webdataset as wds
-
 from benchmarks.results import markdown_table, write_section
 from pipelines.loaders import build_loader, dali
 from pipelines.loaders.clips import ClipSource
 from pipelines.loaders.cpu import CpuClipLoader
 from pipelines.loaders.schedule import Schedule
-from pipelines.loaders.shards import SampleError, SampleRef, ShardIndex
+from pipelines.loaders.shard_reader import SampleError, SampleRef, ShardIndex
 from pipelines.shard_format import (
     FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name,
 )
+from pipelines.shard_writer import write_tar
 from stresnet.config import RunConfig, load_config
 
 
@@ -88,14 +91,11 @@ def write_dataset(root: Path, videos: int, frames: int, height: int, width: int,
     rng = np.random.default_rng(0)
     shards, raw = root / "shards", root / "rawframes"
     shards.mkdir(parents=True)
-    entries, sink = [], None
+    entries, batch = [], []
     for v in range(videos):
         if v % per_shard == 0:
-            if sink:
-                sink.close()
             name = shard_name("train", 0, len(entries))
             entries.append({"name": name, "samples": min(per_shard, videos - v)})
-            sink = wds.TarWriter(str(shards / name), encoder=False)
         key = f"video{v:05d}"
         noise = rng.integers(0, 256, (height, width + frames, 3), np.uint8)
         texture = cv2.GaussianBlur(noise, (7, 7), 2)
@@ -114,8 +114,10 @@ def write_dataset(root: Path, videos: int, frames: int, height: int, width: int,
                 data = encode(quantize_flow(cv2.resize(field, (width, height)), 20.0))
                 sample[name] = data
                 (folder / f"{prefix}_{i + 1:05d}.jpg").write_bytes(data)
-        sink.write(sample)
-    sink.close()
+        batch.append(sample)
+        if len(batch) == entries[-1]["samples"]:
+            write_tar(shards / entries[-1]["name"], batch)  # with its index file, as the writer does
+            batch = []
     manifest = {"format": FORMAT_VERSION, "dataset": "benchmark",
                 "classes": [str(c) for c in range(10)],
                 "splits": {"train": {"samples": videos, "shards": entries}}}
@@ -214,6 +216,21 @@ def stubbed_decoding():
         dali.network_input = original
 
 
+def measure_startup(shards: Path, copy: Path, repeats: int) -> dict[str, float]:
+    """Median CPU seconds of this process (``process_time``: reads from the page cache count, other
+    jobs on the machine do not) to build the split's ``ShardIndex`` from the index files and, on a
+    copy without them, from the tar headers; interleaved, after one untimed build of each."""
+    shutil.copytree(shards, copy, ignore=shutil.ignore_patterns("*.idx"))
+    times: dict[str, list[float]] = {"index files": [], "header scan": []}
+    for repeat in range(repeats + 1):
+        for name, folder in (("index files", shards), ("header scan", copy)):
+            t0 = time.process_time()
+            ShardIndex(folder, "train")
+            if repeat:
+                times[name].append(time.process_time() - t0)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=32)
@@ -245,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             "model.flow_length=10",
         ])
         repeat_split(shards, "train", "many", args.stub_repeat)
-        t0 = time.perf_counter()
         index = ShardIndex(shards, "train")
-        index_s = time.perf_counter() - t0
+        startup = measure_startup(shards, root / "shards-without-index", args.repeats)
 
         def loaders(workers: int) -> list:
             """(row name, loader factory, decoding stubbed)"""
@@ -310,9 +326,12 @@ def main(argv: list[str] | None = None) -> int:
             f"interleaved runs (the stubbed row reads the same shards {args.stub_repeat} times "
             f"per epoch, so that an epoch is long enough to time). CPU ms/clip: the same "
             f"loaders with 0 workers (all work in one process), process CPU time per clip over "
-            f"one epoch: the cost, independent of what else runs on the machine. Shard index "
-            f"build: {index_s:.2f}s. The machine is shared with other jobs, so clips/s is "
-            f"noisy; load average at the end: {os.getloadavg()[0]:.1f}."
+            f"one epoch: the cost, independent of what else runs on the machine. Start-up "
+            f"(`ShardIndex` of the split, CPU time, median of {args.repeats}): "
+            f"{startup['index files'] * 1000:.1f} ms from the index files, "
+            f"{startup['header scan'] * 1000:.1f} ms scanning the tar headers. The machine is "
+            f"shared with other jobs, so clips/s is noisy; load average at the end: "
+            f"{os.getloadavg()[0]:.1f}."
         )
         stub, cpu_row = runs[STUB_ROW], "shards, CPU loader"
         dali_ms, cpu_ms = float(np.median(cost["shards, DALI (cpu)"])), float(np.median(cost[cpu_row]))
@@ -333,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         ])
         print(table)
         print(targets)
+        print(f"start-up (CPU): {startup['index files'] * 1000:.1f} ms from the index files, "
+              f"{startup['header scan'] * 1000:.1f} ms scanning the tar headers")
         if not args.no_write:
             heading = "### Loaders (`benchmarks/loaders.py`)"
             write_section("loaders", f"{heading}\n\n{setup}\n\n{table}\n\n{targets}\n\n{NOTES}")

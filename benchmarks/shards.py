@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import markdown_table, write_section  # noqa: E402
 from pipelines.flow import FlowEstimator  # noqa: E402
-from pipelines.shards import Processing, video_sample  # noqa: E402
+from pipelines.sample_encoding import Processing, video_sample  # noqa: E402
 from pipelines.sources import VideoEntry  # noqa: E402
 from pipelines.synthetic import FAMILY_CLASSES, render_video, textured_background  # noqa: E402
 from pipelines.video import decode_video, write_video  # noqa: E402

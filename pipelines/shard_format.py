@@ -15,6 +15,12 @@ Members of sample ``KEY``:
 Shards hold one split each and are named ``{split}-p{partition:03d}-{index:05d}.tar``.
 ``manifest.json`` in the same folder lists classes, shards per split with their sample counts,
 creation parameters, library versions and failures (see ``docs/shard-format.md``).
+
+Beside each shard ``NAME.tar`` the writer puts its index ``NAME.tar.idx``: where each member's
+bytes are, so a reader seeks straight to them instead of walking the tar headers. It is UTF-8
+JSON: ``{"format": INDEX_FORMAT, "tar_size": bytes of the tar, "members": [[name, data offset,
+size], ...]}`` with the members in tar order. Readers must treat it as a hint: a shard without one
+(made by another tool), or whose index does not match the tar, is read by scanning its headers.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import numpy as np
 
 FORMAT_VERSION = "stresnet-shards/1"
 MANIFEST = "manifest.json"
+INDEX_FORMAT = "stresnet-shard-index/1"
+INDEX_SUFFIX = ".idx"
 
 
 def rgb_member(index: int) -> str:
@@ -38,6 +46,11 @@ def flow_members(index: int) -> tuple[str, str]:
 
 def shard_name(split: str, partition: int, index: int) -> str:
     return f"{split}-p{partition:03d}-{index:05d}.tar"
+
+
+def index_name(shard: str) -> str:
+    """The index file of shard ``shard``: ``train-p000-00000.tar`` -> ``train-p000-00000.tar.idx``."""
+    return shard + INDEX_SUFFIX
 
 
 def quantize_flow(flow: np.ndarray, bound: float) -> np.ndarray:

@@ -16,7 +16,7 @@
 #   OVERRIDES         space-separated key=value config overrides; script arguments are too
 #   VENV              virtualenv (default: .venv of the checkout); STRESNET_DIR: the checkout
 # Logs: logs/<job name>-<array job id>_<task>.out and logs/<job name>-finalize-<job id>.out.
-# A re-submitted array skips the shards already written (see pipelines/shards.py).
+# A re-submitted array skips the shards already written (see pipelines/shard_planning.py).
 #
 #SBATCH --job-name=stresnet-shards
 #SBATCH --array=0-7

@@ -1,5 +1,6 @@
-"""Tiny shards with known content for the loader tests (written here, independent of the
-shard writer, following pipelines/shard_format.py).
+"""Tiny shards with known content for the loader tests (the samples are made here, independent
+of the shard command, following pipelines/shard_format.py; the tars and their index files are
+written by the shard writer's ``write_tar``).
 
 Every video shows a horizontal sine pattern in the red channel that moves RIGHT by ``SPEED``
 pixels per frame; the green channel is ``FRAME_STEP * frame index`` (so a decoded frame says which
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import webdataset as wds
 
 from pipelines.shard_format import (
     FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name,
 )
+from pipelines.shard_writer import write_tar
 from stresnet.config import RunConfig
 
 HEIGHT, WIDTH = 32, 40
@@ -77,10 +78,11 @@ def write_shards(folder: Path, lengths: dict[str, list[int]], per_shard: int = 4
         for start in range(0, len(frame_counts), per_shard):
             name = shard_name(split, 0, len(shards))
             chunk = frame_counts[start : start + per_shard]
-            with wds.TarWriter(str(folder / name), encoder=False) as sink:
-                for n in chunk:
-                    sink.write(sample(video, n, video % num_classes, split))
-                    video += 1
+            samples = []
+            for n in chunk:
+                samples.append(sample(video, n, video % num_classes, split))
+                video += 1
+            write_tar(folder / name, samples)
             shards.append({"name": name, "samples": len(chunk)})
         splits[split] = {"samples": len(frame_counts), "shards": shards}
     manifest = {"format": FORMAT_VERSION, "dataset": "synthetic",
@@ -91,7 +93,8 @@ def write_shards(folder: Path, lengths: dict[str, list[int]], per_shard: int = 4
 
 
 def replace_member(shard: Path, member: str, data: bytes) -> None:
-    """Rewrite one member of a shard (to simulate a corrupt JPEG)."""
+    """Rewrite one member of a shard (to simulate a corrupt JPEG). Its index file no longer
+    matches; the reader notices and scans the tar headers."""
     with tarfile.open(shard) as tar:
         entries = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(shard, "w") as tar:

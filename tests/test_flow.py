@@ -10,7 +10,7 @@ import pytest
 
 from pipelines import shard_format as fmt
 from pipelines.flow import FlowEstimator
-from pipelines.shards import Processing, video_sample
+from pipelines.sample_encoding import Processing, video_sample
 from pipelines.sources import VideoEntry
 from pipelines.synthetic import textured_background
 from pipelines.video import write_video

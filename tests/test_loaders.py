@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
+import json
 import logging
 import math
 import shutil
+import signal
 import tarfile
 
 import pytest
@@ -17,7 +20,7 @@ from loader_shards import (
 )
 from pipelines.loaders import build_loader
 from pipelines.loaders.schedule import train_batches
-from pipelines.loaders.shards import _tar_members
+from pipelines.loaders.shard_reader import ShardIndex, read_index_file, scan_tar_members
 from pipelines.shard_format import rgb_member
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, train_plan
 
@@ -277,11 +280,11 @@ def test_tar_header_scan_matches_tarfile(shards, tmp_path, fmt):
                 tar.addfile(info, io.BytesIO(name.encode()))
     with tarfile.open(path) as tar:
         expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-    members, damage = _tar_members(path)
+    members, damage = scan_tar_members(path)
     assert members == expected and damage is None
     cut = tmp_path / "cut.tar"
     cut.write_bytes(path.read_bytes()[: expected[-1][1] + 10])
-    members, damage = _tar_members(cut)
+    members, damage = scan_tar_members(cut)
     assert members == expected[:-1] and "runs past the end" in damage
 
 
@@ -367,7 +370,7 @@ def test_vectorised_jpeg_check_never_accepts_what_check_jpeg_rejects():
     from loader_shards import jpeg
 
     from pipelines.loaders.dali import check_packed
-    from pipelines.loaders.shards import SampleError, check_jpeg
+    from pipelines.loaders.shard_reader import SampleError, check_jpeg
 
     good = jpeg(np.full((HEIGHT, WIDTH), 90, np.uint8))
     app = b"\xff\xe1\x00\x0e" + b"\xff\xc0" * 6  # an APP1 segment that contains SOF-like bytes
@@ -403,3 +406,156 @@ def test_vectorised_jpeg_check_never_accepts_what_check_jpeg_rejects():
     assert fast == accepted
     assert accepted["good"] and accepted["fill bytes"] and accepted["app segment"]
     assert sum(accepted.values()) == 4
+
+# ------------------------------------------------------------------------------------------
+# Index files, and the header scan for shards without one
+# ------------------------------------------------------------------------------------------
+
+
+def refs(index: ShardIndex) -> list:
+    """What a ShardIndex found, comparable: per sample (key, label, frames, size, member table)."""
+    return [None if r is None else (r.key, r.label, r.num_frames, r.height, r.width, r.members.tolist())
+            for r in index.samples]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging: a malformed header once sent the reader into an endless loop."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def without_index_files(shards, tmp_path):
+    copy = tmp_path / "no-index"
+    shutil.copytree(shards, copy)
+    for index in copy.glob("*.idx"):
+        index.unlink()
+    return copy
+
+
+def test_index_files_locate_every_member_as_tarfile_does(shards):
+    tars = sorted(shards.glob("*.tar"))
+    assert len(tars) == 5
+    for path in tars:
+        with tarfile.open(path) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        index = path.with_name(path.name + ".idx")
+        assert read_index_file(index, path.stat().st_size) == expected
+        assert scan_tar_members(path) == (expected, None)
+
+
+def test_shards_without_index_files_read_the_same(shards, tmp_path, caplog):
+    copy = without_index_files(shards, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        for split in ("train", "test"):
+            assert refs(ShardIndex(copy, split)) == refs(ShardIndex(shards, split))
+    assert caplog.text == ""  # a shard made by another tool has no index: nothing to warn about
+
+
+def _shift_offsets(data: dict) -> None:
+    for member in data["members"]:
+        member[1] += 512  # each offset now points into a header or the previous member's data
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("not json", "unreadable index"),
+    ("format", "format 'other/9', expected 'stresnet-shard-index/1'"),
+    ("past the end", "is outside the 256000-byte tar"),
+    ("offsets shifted", "no tar header for v000.json"),
+    ("entry", "malformed entry"),
+    ("tar truncated", "made for a tar of 256000 bytes, the tar has 128000"),
+])
+def test_an_index_that_does_not_fit_its_tar_is_named_and_the_headers_are_scanned(
+    shards, tmp_path, caplog, damage, message
+):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    shard = copy / "train-p000-00000.tar"
+    index = copy / "train-p000-00000.tar.idx"
+    data = json.loads(index.read_text())
+    assert data["tar_size"] == shard.stat().st_size == 256000
+    change = {
+        "format": lambda d: d.update(format="other/9"),
+        "past the end": lambda d: d["members"][-1].__setitem__(2, 10**6),
+        "offsets shifted": _shift_offsets,
+        "entry": lambda d: d["members"][3].__setitem__(1, "1536"),
+    }
+    if damage == "not json":
+        index.write_bytes(b"\x00{not json")
+    elif damage == "tar truncated":
+        shard.write_bytes(shard.read_bytes()[:128000])
+    else:
+        change[damage](data)
+        index.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING), deadline(60):
+        found = refs(ShardIndex(copy, "train"))
+    assert message in caplog.text and str(index) in caplog.text
+    assert "reading the tar headers of train-p000-00000.tar instead" in caplog.text
+    expected = refs(ShardIndex(shards, "train"))
+    if damage == "tar truncated":  # the header scan keeps the samples before the cut
+        assert "damaged shard" in caplog.text
+        assert found[0] == expected[0] and found[1][0] == "v001"  # v001 is cut: its later frames are missing
+        assert found[2:4] == [None, None] and found[4:] == expected[4:]
+    else:
+        assert found == expected
+
+
+def _set_size_field(data: bytearray, header: int, field: bytes, fix_checksum: bool) -> None:
+    data[header + 124 : header + 136] = field
+    if fix_checksum:
+        data[header + 148 : header + 156] = b" " * 8
+        data[header + 148 : header + 155] = b"%06o\0" % sum(data[header : header + 512])
+
+
+@pytest.mark.parametrize("corruption, damage", [
+    # issue 13: `printf '00' | dd of=SHARD bs=1 seek=512 conv=notrunc` used to hang the loaders:
+    # it zeroes the length of the pax record in front of the first member
+    ("dd 00 at byte 512", "invalid pax record at byte 512"),
+    ("size field zeroed", "invalid header at byte 1024"),
+    ("size field zeroed, checksum fixed", "invalid header at byte 1536"),
+    ("size field not octal", "invalid size field in the header at byte 1024"),
+])
+def test_corrupt_headers_end_the_scan_with_the_damage_named(shards, tmp_path, caplog, corruption, damage):
+    copy = without_index_files(shards, tmp_path)
+    shard = copy / "train-p000-00000.tar"
+    data = bytearray(shard.read_bytes())
+    assert data[512:516] == b"13 m" and data[1024:1028] == b"v000"  # pax record, then the header
+    if corruption == "dd 00 at byte 512":
+        data[512:514] = b"00"
+    elif corruption == "size field not octal":
+        _set_size_field(data, 1024, b"99999999999\0", fix_checksum=True)
+    else:
+        _set_size_field(data, 1024, b"00000000000\0", fix_checksum=corruption.endswith("fixed"))
+    shard.write_bytes(bytes(data))
+    with deadline(60):
+        members, found = scan_tar_members(shard)
+        assert found == damage
+        assert all(size == 0 for _, _, size in members)  # nothing after the damage
+        # the loader goes on without the shard's samples and says why
+        with caplog.at_level(logging.WARNING):
+            loader = build_loader(config(copy), "train", 0, 1, backend="cpu")
+            batches = epoch_batches(loader, 0)
+    assert f"damaged shard ({damage})" in caplog.text
+    assert len(batches) == len(loader) == 6
+    assert not {v for b in batches for v in b["video_id"]} & {"v000", "v001", "v002", "v003"}
+
+
+def test_a_shard_with_its_index_ignores_damage_outside_its_members(shards, tmp_path, caplog):
+    """The same dd on a shard with an index file: the pax record is not part of any member."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    shard = copy / "train-p000-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[512:514] = b"00"
+    shard.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING), deadline(60):
+        assert refs(ShardIndex(copy, "train")) == refs(ShardIndex(shards, "train"))
+    assert caplog.text == ""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -100,6 +101,18 @@ def test_round_trip_video_to_shard_to_frames(videos, tmp_path):
     flow = cv2.imdecode(np.frombuffer(samples[0]["flow_y.00004.jpg"], np.uint8), cv2.IMREAD_UNCHANGED)
     assert flow.shape == (16, 20)  # grayscale
 
+    # Plain tars that `tar` lists, each with an index file that locates every member's bytes.
+    tars = sorted(out.glob("*.tar"))
+    assert sorted(p.name for p in out.glob("*.idx")) == [fmt.index_name(p.name) for p in tars]
+    for path in tars:
+        listed = subprocess.run(["tar", "tf", str(path)], capture_output=True, text=True, check=True)
+        index = json.loads((out / fmt.index_name(path.name)).read_text())
+        assert index["format"] == fmt.INDEX_FORMAT and index["tar_size"] == path.stat().st_size
+        assert [name for name, _, _ in index["members"]] == listed.stdout.split()
+        with tarfile.open(path) as tar:
+            for (name, offset, size), member in zip(index["members"], tar.getmembers(), strict=True):
+                assert (name, offset, size) == (member.name, member.offset_data, member.size)
+
 
 def test_rerun_on_complete_output_does_nothing(videos, tmp_path, capsys):
     out = tmp_path / "shards"
@@ -171,8 +184,10 @@ def test_killed_run_resumes_to_the_same_samples(videos, tmp_path):
     assert "(2 already written)" in resumed.stdout
     assert not list(out.glob("*.partial"))
     assert read_samples(out) == read_samples(reference)
-    for tar in reference.glob("*.tar"):  # deterministic down to the bytes
-        assert (out / tar.name).read_bytes() == tar.read_bytes()
+    written = sorted(p.name for p in reference.glob("*.tar*"))
+    assert written == sorted(p.name for p in out.glob("*.tar*")) and len(written) == 12  # 6 shards
+    for name in written:  # deterministic down to the bytes, index files included
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
 
 
 def test_three_partitions_then_finalize_equal_one_process(videos, tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 
 from pipelines.loaders.clips import ClipSource
 from pipelines.loaders.schedule import Schedule
-from pipelines.loaders.shards import ShardIndex
+from pipelines.loaders.shard_reader import ShardIndex
 from stresnet.config import RunConfig
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipelines.loaders.schedule import ClipRequest
-from pipelines.loaders.shards import SampleError, ShardIndex, check_jpeg, clip_member_names
+from pipelines.loaders.shard_reader import SampleError, ShardIndex, check_jpeg, clip_member_names
 from stresnet.config import RunConfig
 from stresnet.sampling import ClipPlan, eval_plan, eval_views, train_plan
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipelines.loaders.clips import ClipSource, batch_dict, decode_clip
 from pipelines.loaders.schedule import ClipRequest
-from pipelines.loaders.shards import SampleError
+from pipelines.loaders.shard_reader import SampleError
 from stresnet.sampling import normalize_clip
 
 

@@ -46,7 +46,7 @@ import torch
 
 from pipelines.loaders.clips import ClipSource, EncodedClip, batch_dict
 from pipelines.loaders.schedule import ClipRequest
-from pipelines.loaders.shards import SampleError
+from pipelines.loaders.shard_reader import SampleError
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, normalize_clip
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ MAX_GAP = 64 * 1024
 # Rows of the packed JPEG array are padded to a multiple of this, so that most batches have the
 # same array size (DALI's shared-memory slots are then never resized).
 ROW_ALIGN = 1024
-_SOF = np.zeros(256, dtype=bool)  # JPEG start-of-frame markers (as in shards._START_OF_FRAME)
+_SOF = np.zeros(256, dtype=bool)  # JPEG start-of-frame markers (as in shard_reader._START_OF_FRAME)
 _SOF[[0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF]] = True
 
 

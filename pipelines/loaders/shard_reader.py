@@ -1,33 +1,44 @@
-"""Random access to the samples of one split's shards: which bytes of which tar hold each member.
+"""Reading shards: random access to the samples of one split, member by member.
 
-Both loaders read clips through ``ShardIndex``: at start-up it walks the tar headers of every
-shard of the split (one 512-byte read per member, seeking over the data) and records where each
-member's bytes are, compactly (a NumPy array per video: UCF101 has ~7 million members). A clip
-then reads only its selected members, about a fifth
-of a video's JPEGs for a stage-1 clip, instead of streaming whole videos.
+Both loaders read clips through ``ShardIndex``: at start-up it learns where each member's bytes
+are in every shard of the split and keeps that compactly (a NumPy array per video: UCF101 has ~7
+million members). A clip then reads only its selected members, about a fifth of a video's JPEGs
+for a stage-1 clip, instead of streaming whole videos.
 
-Damaged input is recorded, not fatal: a truncated shard keeps the samples before the damage, and
-samples the manifest promises but the tar lacks are ``None``; reading them raises ``SampleError``,
-which the loaders count and skip.
+Where the members are comes from the shard's index file ``NAME.tar.idx``, written beside it by
+the shard writer (``pipelines.shard_writer``). A shard without one (made by another tool), or
+whose index does not match the tar (``ShardIndexError``: other size, an entry outside the file,
+unreadable JSON), is read by ``scan_tar_members``, a minimal tar header scan.
+
+Damaged input is recorded, not fatal: a truncated or corrupt shard keeps the samples before the
+damage, and samples the manifest promises but the tar lacks are ``None``; reading them raises
+``SampleError``, which the loaders count and skip. Nothing here loops on malformed bytes: every
+step of the header scan moves forward by at least one 512-byte block.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.shard_format import flow_members, read_manifest, rgb_member
+from pipelines.shard_format import INDEX_FORMAT, flow_members, index_name, read_manifest, rgb_member
 
 log = logging.getLogger(__name__)
 
 
 class SampleError(Exception):
     """One sample cannot be used (missing member, corrupt JPEG, truncated shard)."""
+
+
+class ShardIndexError(ValueError):
+    """A shard's index file cannot be used for its tar (the tar is then scanned instead)."""
 
 
 # The per-frame members of a sample, in the order of the rows of ``SampleRef.members``.
@@ -76,11 +87,15 @@ class ShardIndex:
         self.split = split
         self.classes: list[str] = list(manifest.get("classes", []))
         self.samples: list[SampleRef | None] = []
-        for shard in splits[split]["shards"]:
+        with _cyclic_gc_paused():
+            self._add_shards(splits[split]["shards"])
+
+    def _add_shards(self, shards: list[dict]) -> None:
+        for shard in shards:
             path = self.folder / shard["name"]
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
-            found = _index_tar(path)
+            found = _index_shard(path)
             expected = int(shard["samples"])
             if len(found) < expected:
                 log.warning(
@@ -117,6 +132,20 @@ class ShardIndex:
                     raise SampleError(f"{ref.path}: member {ref.key}.{name} is truncated")
                 out[name] = data
         return out
+
+
+@contextmanager
+def _cyclic_gc_paused():
+    """Index files parse into many small lists (no reference cycles); the allocation count alone
+    would trigger full collections that scan the whole heap (torch's included) for nothing,
+    which measured as up to half of the start-up time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def clip_member_names(positions, flow_stacks, rgb: bool, flow: bool) -> tuple[list, list]:
@@ -165,12 +194,64 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _index_tar(path: Path) -> list[SampleRef | None]:
-    """Index one shard up to its first damage (with a warning). A sample that is found but
-    unusable stays in the list as None, so later samples keep their index."""
-    members, damage = _tar_members(path)
+def read_index_file(index: Path, tar_size: int) -> list[tuple[str, int, int]]:
+    """The members listed in index file ``index``, checked against the tar's size
+    ``tar_size``; ``ShardIndexError`` naming the file and the problem when they cannot be used."""
+    try:
+        data = json.loads(index.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ShardIndexError(f"{index}: unreadable index ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ShardIndexError(f"{index}: format {found!r}, expected {INDEX_FORMAT!r}")
+    if data.get("tar_size") != tar_size:
+        raise ShardIndexError(
+            f"{index}: made for a tar of {data.get('tar_size')} bytes, the tar has {tar_size} "
+            "(changed or truncated since)"
+        )
+    members = data.get("members")
+    if not isinstance(members, list):
+        raise ShardIndexError(f"{index}: no member list")
+    out, end = [], 0
+    for entry in members:
+        try:
+            name, offset, size = entry
+            ok = isinstance(name, str) and type(offset) is int and type(size) is int  # noqa: E721
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ShardIndexError(f"{index}: malformed entry {str(entry)[:80]}")
+        # Members follow each other, each after at least one 512-byte header.
+        if offset < end + 512 or size < 0 or offset + size > tar_size:
+            raise ShardIndexError(
+                f"{index}: member {name} at bytes {offset}..{offset + size} is outside the "
+                f"{tar_size}-byte tar or overlaps the previous member"
+            )
+        end = offset + size
+        out.append((name, offset, size))
+    return out
+
+
+def _index_shard(path: Path) -> list[SampleRef | None]:
+    """The samples of one shard, in tar order, from its index file or, without a usable one, its
+    tar headers up to the first damage (with a warning). A sample that is found but unusable
+    stays in the list as None, so later samples keep their index."""
+    index = path.with_name(index_name(path.name))
+    if index.is_file():
+        try:
+            return _samples(path, read_index_file(index, os.path.getsize(path)), index)
+        except ShardIndexError as err:
+            log.warning("%s; reading the tar headers of %s instead", err, path.name)
+    members, damage = scan_tar_members(path)
     if damage:
         log.warning("%s: damaged shard (%s); using the samples before the damage", path, damage)
+    return _samples(path, members, None)
+
+
+def _samples(path: Path, members: list[tuple[str, int, int]], index: Path | None) -> list:
+    """Group ``members`` by sample key and read each sample's json and first-frame header.
+    With ``index`` (the members came from that index file) the tar header in front of each json
+    member is checked too: a cheap proof that the index describes this tar."""
     groups: dict[str, dict] = {}  # key -> {"json": (offset, size), "frames": [(k, i, off, size)]}
     for name, offset, size in members:
         key, _, suffix = name.rpartition("/")[2].partition(".")
@@ -185,18 +266,25 @@ def _index_tar(path: Path) -> list[SampleRef | None]:
     samples: list[SampleRef | None] = []
     with open(path, "rb") as f:
         for key, group in groups.items():
-            samples.append(_sample(path, f, key, group))
+            samples.append(_sample(path, f, key, group, index))
     return samples
 
 
-def _sample(path: Path, f, key: str, group: dict) -> SampleRef | None:
+def _sample(path: Path, f, key: str, group: dict, index: Path | None) -> SampleRef | None:
     if group["json"] is None:
         log.warning("%s: sample %s has no json member; skipped", path, key)
         return None
     offset, size = group["json"]
-    f.seek(offset)
+    f.seek(offset - 512 if index else offset)
+    data = f.read(size + 512 if index else size)
+    if index:
+        header, data = data[:512], data[512:]
+        if header[257:262] != b"ustar" or not _checksum_ok(header) or _octal(header[124:136]) != size:
+            raise ShardIndexError(
+                f"{index}: no tar header for {key}.json before byte {offset} (the index is not this tar's)"
+            )
     try:
-        meta = json.loads(f.read(size))
+        meta = json.loads(data)
         label, num_frames = int(meta["label"]), int(meta["num_frames"])
     except (ValueError, KeyError, TypeError) as err:
         log.warning("%s: sample %s has unreadable json (%s); skipped", path, key, err)
@@ -220,13 +308,15 @@ def _sample(path: Path, f, key: str, group: dict) -> SampleRef | None:
     )
 
 
-def _tar_members(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
+def scan_tar_members(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
     """(name, data offset, size) of the regular files of a tar, up to the first damage, and
     what the damage is (None if the archive is whole).
 
-    Headers are parsed here, one ``pread`` each (plus one for a pax or GNU long-name record):
-    ``tarfile`` spends ~100 us per member on fields we do not need, which is minutes at UCF101's
-    millions of members. webdataset's TarWriter writes a pax record before every member.
+    The fallback for shards without an index file. Headers are parsed here, one ``pread`` each
+    (plus one for a pax or GNU long-name record): ``tarfile`` takes ~4x longer per member on
+    fields we do not need, which is minutes at UCF101's millions of members. webdataset's
+    TarWriter writes a pax record before every member. Every step moves at least one block
+    forward and every malformed field ends the scan with its damage, so it cannot loop.
     """
     members = []
     file_size = os.path.getsize(path)
@@ -247,7 +337,9 @@ def _tar_members(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
             prefix = header[345:500].split(b"\0", 1)[0]
             if prefix:
                 name = prefix + b"/" + name
-            size = int(header[124:136].strip(b" \0") or b"0", 8)
+            size = _octal(header[124:136])
+            if size is None:
+                return members, f"invalid size field in the header at byte {position}"
             data = position + 512
             if data + size > file_size:
                 return members, f"member {name.decode(errors='replace')} runs past the end"
@@ -256,26 +348,46 @@ def _tar_members(path: Path) -> tuple[list[tuple[str, int, int]], str | None]:
                 record = os.pread(fd, size, data)
                 if kind == b"L":
                     pending[b"path"] = record.split(b"\0", 1)[0]
-                else:
-                    pending.update(_pax_records(record))
+                    continue
+                records = _pax_records(record)
+                if records is None:
+                    return members, f"invalid pax record at byte {data}"
+                pending.update(records)
                 continue
             name = pending.get(b"path", name)
-            size = int(pending.get(b"size", size))
+            if b"size" in pending:
+                size = _decimal(pending[b"size"])
+                if size is None or data + size > file_size:
+                    return members, f"invalid pax size for the member at byte {data}"
             pending = {}
             if kind in (b"0", b"\0"):
-                members.append((name.decode(), data, size))
+                members.append((name.decode(errors="replace"), data, size))
     finally:
         os.close(fd)
 
 
-def _pax_records(data: bytes) -> dict[bytes, bytes]:
-    """``"%d %s=%s\\n"`` records of a pax extended header."""
+def _octal(field: bytes) -> int | None:
+    """A tar header number (octal ASCII), None if it is not one."""
+    digits = field.strip(b" \0")
+    if digits.translate(None, b"01234567"):  # anything but 0-7 (a sign, base-256 sizes, garbage)
+        return None
+    return int(digits or b"0", 8)
+
+
+def _decimal(value: bytes) -> int | None:
+    return int(value) if value.isdigit() else None
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes] | None:
+    """``"%d %s=%s\\n"`` records of a pax extended header; None if they are malformed (a
+    length that is not a number, too short to move forward, or past the end)."""
     records, i = {}, 0
+    data = data.rstrip(b"\0")
     while i < len(data):
         space = data.find(b" ", i)
-        if space < 0:
-            break
-        length = int(data[i:space])
+        length = _decimal(data[i:space]) if space > i else None
+        if length is None or length <= space - i + 1 or i + length > len(data):
+            return None
         key, _, value = data[space + 1 : i + length - 1].partition(b"=")
         records[key] = value
         i += length

@@ -1,0 +1,121 @@
+"""One video -> one WebDataset sample: decode, optical flow, JPEG encoding (in worker processes).
+
+``process_videos`` runs ``video_sample`` over a list of videos, in order, in a pool of
+``shards.workers`` processes; the shard writer consumes its results one shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from pipelines import shard_format as fmt
+from pipelines.flow import FlowEstimator
+from pipelines.sources import VideoEntry
+from pipelines.video import VideoError, decode_video
+from stresnet.config import ShardsConfig
+
+
+@dataclass(frozen=True)
+class Processing:
+    """What a worker needs to turn one video into one sample."""
+
+    fps: float | None
+    short_side: int
+    flow: str
+    tvl1_epsilon: float
+    flow_bound: float
+    jpeg_quality: int
+
+    @classmethod
+    def from_config(cls, cfg: ShardsConfig) -> "Processing":
+        return cls(cfg.fps, cfg.short_side, cfg.flow, cfg.tvl1_epsilon, cfg.flow_bound, cfg.jpeg_quality)
+
+
+def process_videos(
+    videos: list[VideoEntry], processing: Processing, workers: int
+) -> Iterator[tuple[dict | None, str | None]]:
+    """(sample, None) or (None, reason) per video, in order; a process pool when ``workers`` != 1."""
+    workers = min(workers or len(os.sched_getaffinity(0)), len(videos))
+    jobs = iter([(entry, processing) for entry in videos])
+    if workers <= 1:
+        _init_worker()
+        yield from map(_process_one, jobs)
+        return
+    # spawn: a clean interpreter per worker (fork after OpenCV/FFmpeg threads started can hang).
+    # A pool whose worker dies raises BrokenProcessPool instead of waiting forever, and at most
+    # 2 videos per worker are in flight, so finished samples never pile up in memory.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker)
+    try:
+        in_flight = deque(pool.submit(_process_one, job) for job in islice(jobs, 2 * workers))
+        while in_flight:
+            result = in_flight.popleft().result()
+            for job in islice(jobs, 1):
+                in_flight.append(pool.submit(_process_one, job))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_ESTIMATORS: dict[tuple[str, float], FlowEstimator] = {}
+
+
+def _init_worker() -> None:
+    # One thread per process: the parallelism is across videos, and timings stay per core.
+    cv2.setNumThreads(1)
+
+
+def _process_one(job: tuple[VideoEntry, Processing]) -> tuple[dict | None, str | None]:
+    entry, p = job
+    try:
+        return video_sample(entry, p), None
+    except VideoError as err:
+        return None, str(err)
+    except Exception as err:  # noqa: BLE001 - one bad video must not stop the run; its reason is recorded
+        return None, f"{type(err).__name__}: {err}"
+
+
+def video_sample(entry: VideoEntry, p: Processing) -> dict:
+    """Decode one video, compute its flow and encode everything as one WebDataset sample."""
+    video = decode_video(entry.path, fps=p.fps, short_side=p.short_side)
+    frames = video.frames
+    if len(frames) < 2:
+        raise VideoError(f"only {len(frames)} frame: no optical flow")
+    key = (p.flow, p.tvl1_epsilon)
+    if key not in _ESTIMATORS:
+        _ESTIMATORS[key] = FlowEstimator(p.flow, p.tvl1_epsilon)
+
+    params = [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality]
+    sample: dict = {"__key__": entry.video_id}
+    for i, frame in enumerate(frames):
+        sample[fmt.rgb_member(i)] = _jpeg(frame, params)
+    for i, field in enumerate(_ESTIMATORS[key].fields(frames)):
+        flow = fmt.quantize_flow(field, p.flow_bound)
+        name_x, name_y = fmt.flow_members(i)
+        sample[name_x] = _jpeg(flow[:, :, 0], params)
+        sample[name_y] = _jpeg(flow[:, :, 1], params)
+    height, width = frames.shape[1:3]
+    meta = {
+        "video_id": entry.video_id, "label": entry.label, "class_name": entry.class_name, "split": entry.split,
+        "num_frames": len(frames), "fps": video.fps, "height": height, "width": width,
+        "flow_bound": p.flow_bound, "flow_method": p.flow, "source": entry.source,
+    }
+    sample["json"] = json.dumps(meta, sort_keys=True).encode()
+    return sample
+
+
+def _jpeg(image: np.ndarray, params: list[int]) -> bytes:
+    ok, data = cv2.imencode(".jpg", image, params)
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return data.tobytes()

@@ -1,0 +1,112 @@
+"""Which shard holds which videos, and which shards are already written.
+
+Everything here is deterministic, so any number of independent tasks agree without talking:
+
+1. Within a split the videos are ordered by a hash of their id (mixes the classes within each
+   shard, independent of the order of the split files) and dealt round-robin to
+   ``shards.num_partitions`` partitions; each partition cuts its list into shards of
+   ``shards.samples_per_shard``, named ``{split}-p{partition:03d}-{index:05d}.tar``.
+2. Each partition keeps a progress record, ``progress-p{partition:03d}.json``: the shards it has
+   completely written (with their keys and failed videos) and the settings they were made with.
+   A re-run skips recorded shards and refuses a folder made with other settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines import shard_format as fmt
+from pipelines.sources import DatasetIndex, VideoEntry
+from stresnet.config import RunConfig, to_dict
+
+
+class ShardsError(RuntimeError):
+    """The output folder cannot be used as asked (other settings, incomplete partitions)."""
+
+
+@dataclass
+class ShardPlan:
+    name: str
+    split: str
+    partition: int
+    entries: list[VideoEntry]
+
+
+def plan_shards(index: DatasetIndex, samples_per_shard: int, num_partitions: int) -> list[ShardPlan]:
+    """Every shard of every partition with the videos it holds (see the module docstring)."""
+    plans = []
+    for split in sorted({e.split for e in index.entries}):
+        entries = sorted(
+            (e for e in index.entries if e.split == split),
+            key=lambda e: hashlib.sha1(e.video_id.encode()).hexdigest(),
+        )
+        for partition in range(num_partitions):
+            mine = entries[partition::num_partitions]
+            for number, start in enumerate(range(0, len(mine), samples_per_shard)):
+                name = fmt.shard_name(split, partition, number)
+                plans.append(ShardPlan(name, split, partition, mine[start : start + samples_per_shard]))
+    return plans
+
+
+def creation_params(cfg: RunConfig) -> dict:
+    """The settings that decide the shards' content; a re-run must use the same ones."""
+    d, s = cfg.dataset, cfg.shards
+    params = {
+        "dataset": {"kind": d.kind, "root": d.root, "splits_dir": d.splits_dir, "csv": d.csv, "split": d.split},
+        "samples_per_shard": s.samples_per_shard,
+        "num_partitions": s.num_partitions,
+        "short_side": s.short_side,
+        "fps": s.fps,
+        "flow": s.flow,
+        "tvl1_epsilon": s.tvl1_epsilon,
+        "flow_bound": s.flow_bound,
+        "jpeg_quality": s.jpeg_quality,
+    }
+    if d.kind == "synthetic":
+        params["dataset"]["synthetic"] = to_dict(d.synthetic)
+    return params
+
+
+# ------------------------------------------------------------------------------------------
+# Progress records
+# ------------------------------------------------------------------------------------------
+
+
+def record_path(out: Path, partition: int) -> Path:
+    return out / f"progress-p{partition:03d}.json"
+
+
+def read_record(out: Path, partition: int, params: dict) -> dict:
+    """This partition's progress record; refuses one written with other settings."""
+    path = record_path(out, partition)
+    if not path.is_file():
+        return {"partition": partition, "params": params, "shards": {}}
+    record = json.loads(path.read_text())
+    if record.get("params") != params:
+        raise ShardsError(
+            f"{path}: {out} was made with other settings; use a new shards.output or delete it.\n"
+            f"  there: {json.dumps(record.get('params'), sort_keys=True)}\n"
+            f"  now:   {json.dumps(params, sort_keys=True)}"
+        )
+    return record
+
+
+def record_failures(record: dict) -> list[dict]:
+    return [f for name in sorted(record["shards"]) for f in record["shards"][name]["failures"]]
+
+
+def shard_done(out: Path, record: dict, plan: ShardPlan) -> bool:
+    """Recorded as complete, and its tar is there (or it held no readable video at all)."""
+    info = record["shards"].get(plan.name)
+    return info is not None and (info["samples"] == 0 or (out / plan.name).is_file())
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (through ``NAME.partial`` and a rename)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

@@ -87,11 +87,12 @@ def device_memory_used() -> float:
 
 def loader_config(shards: Path, args: argparse.Namespace, workers: int, batch: int) -> RunConfig:
     return load_config(None, [
-        f"data.shards={shards}", f"data.batch_size={batch}", f"data.loader_workers={workers}",
+        f"data.shards={shards}", f"data.batch_size_per_worker={batch}",
+        f"data.loader_workers={workers}",
         f"data.dali_device={'gpu' if args.device == 'cuda' else 'cpu'}",
-        f"sampling.input_size={args.size}", "sampling.frames=5", "sampling.stride_min=1",
+        f"sampling.input_size={args.size}", "sampling.train_positions=5", "sampling.stride_min=1",
         "sampling.stride_max=5", "model.flow_length=10", "data.train_split=many",
-        "data.val_split=many", f"eval.batch_size={batch}",
+        "data.val_split=many", f"eval.batch_size_per_worker={batch}",
     ])
 
 
@@ -233,7 +234,7 @@ def ray_run(report: Report, folder: Path, args: argparse.Namespace) -> None:
         f"data.shards={folder / 'shards'}", f"train.storage_path={folder / 'runs'}",
         f"tracking.uri=sqlite:///{folder / 'mlflow.db'}", f"eval.output={folder / 'eval'}",
         "cluster.num_workers=1", f"cluster.use_gpu={str(gpu).lower()}", "data.backend=dali",
-        f"data.dali_device={'gpu' if gpu else 'cpu'}", "train.batch_size=11",
+        f"data.dali_device={'gpu' if gpu else 'cpu'}", "train.global_batch_size=11",
         *([] if not args.quick else ["train.epochs=2", "train.validate_every=2"]),
     ])
     config = folder / "tiny.yaml"

@@ -256,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         took = time.perf_counter() - t0
         print(f"wrote {args.videos} videos x {args.frames} frames in {took:.1f}s")
         cfg: RunConfig = load_config(None, [
-            f"data.shards={shards}", f"data.batch_size={args.batch}",
+            f"data.shards={shards}", f"data.batch_size_per_worker={args.batch}",
             f"data.loader_workers={args.workers}", f"sampling.input_size={args.size}",
-            "sampling.frames=5", "sampling.stride_min=1", "sampling.stride_max=5",
+            "sampling.train_positions=5", "sampling.stride_min=1", "sampling.stride_max=5",
             "model.flow_length=10",
         ])
         repeat_split(shards, "train", "many", args.stub_repeat)

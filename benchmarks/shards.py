@@ -3,7 +3,7 @@
 Two frame sizes: the synthetic dataset's 64x80 and UCF101-like 320x240 resized to a 256 px short
 side (256x341, what `configs/shards/ucf101.yaml` writes). Everything runs in this one process with
 OpenCV limited to one thread and is timed in CPU seconds (``time.process_time``), so the numbers
-are per core and hold on a busy machine; a machine with C cores and `shards.workers=C` does about
+are per core and hold on a busy machine; a machine with C cores and `shards.processes=C` does about
 C times as much. Also reports the flow error on a textured scene
 translating 3 px right and 2 px up per frame, to show what the faster settings cost.
 

@@ -26,8 +26,8 @@ from benchmarks.results import markdown_table, write_section  # noqa: E402
 MAIN = REPO / "configs" / "synthetic" / "main.yaml"
 # The paper's network (UCF101 stage 1 sizes) on the synthetic clips, for a GPU.
 GPU = ["cluster.use_gpu=true", "data.backend=dali", "train.bf16=true", "train.channels_last=true",
-       "model.width=1.0", "model.flow_length=10", "sampling.frames=5", "sampling.input_size=224",
-       "data.batch_size=16", "train.batch_size=16"]
+       "model.width=1.0", "model.flow_length=10", "sampling.train_positions=5", "sampling.input_size=224",
+       "data.batch_size_per_worker=16", "train.global_batch_size=16"]
 
 
 def measure(workers: int, steps: int, warmup: int, extra: list[str], folder: Path) -> dict:
@@ -53,10 +53,10 @@ def measure(workers: int, steps: int, warmup: int, extra: list[str], folder: Pat
         return [m.value for m in points][warmup:]
 
     rates, waits = history("clips_per_second"), history("data_wait_fraction")
-    step_seconds = [cfg.train.batch_size / r for r in rates]
+    step_seconds = [cfg.train.global_batch_size / r for r in rates]
     return {
         "workers": workers,
-        "clips_per_second": cfg.train.batch_size * len(step_seconds) / sum(step_seconds),
+        "clips_per_second": cfg.train.global_batch_size * len(step_seconds) / sum(step_seconds),
         "data_wait": statistics.fmean(waits),
         "steps": len(rates),
     }

@@ -19,29 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from stresnet.config import ConfigError, ModelConfig, RunConfig, add_config_arguments, config_from_args, from_dict
+from stresnet.checkpoint import WeightsError
+from stresnet.config import ConfigError, RunConfig, add_config_arguments, config_from_args
 from stresnet.evaluate import collect_scores, save_report, video_report
-from stresnet.weights import WeightsError
-
-
-def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
-    """The network saved in ``model.pt``, a checkpoint folder holding it or a run folder (its
-    newest checkpoint), built from the model config stored beside the weights, so it matches
-    whatever the run trained."""
-    from stresnet.model import build_model
-    from stresnet.weights import checkpoint_file
-
-    file = checkpoint_file(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: no model.pt here (expected a file, checkpoint or run folder)")
-    payload = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise ValueError(f"{file}: not a stresnet model file (expected keys 'model' and 'config')")
-    model_cfg = from_dict(ModelConfig, payload["config"]["model"], "model")
-    # The weights are about to be replaced: skip loading the init weights the config names.
-    model = build_model(from_dict(ModelConfig, {**payload["config"]["model"], "init": {"kind": "random"}}))
-    model.load_state_dict(payload["model"])
-    return model, model_cfg
 
 
 def load_registered_model(uri: str, tracking_uri: str) -> nn.Module:
@@ -92,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         if args.checkpoint:
-            model, _ = load_checkpoint_model(args.checkpoint)
+            from stresnet.model import load_model
+
+            model = load_model(args.checkpoint)
         else:
             from cluster.tracking import absolute_tracking_uri
 

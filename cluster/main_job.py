@@ -48,10 +48,11 @@ def evaluate_and_log(cfg: RunConfig, result) -> dict:
     import mlflow
 
     from cluster import tracking
-    from cluster.evaluate import evaluate_model, load_checkpoint_model
+    from cluster.evaluate import evaluate_model
+    from stresnet.model import load_model
     from stresnet.evaluate import summary_metrics
 
-    model, _ = load_checkpoint_model(result.checkpoint)
+    model = load_model(result.checkpoint)
     report, files = evaluate_model(cfg, model)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     with mlflow.start_run(run_id=result.mlflow_run_id):
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
 
-    from cluster.train import PreflightError, absolute_paths, run_training
+    from cluster.train import PreflightError, run_training
+    from stresnet.config import absolute_paths
     from pipelines.shards import DatasetError, ShardFailures, ShardsError, make_shards
 
     try:

@@ -4,8 +4,9 @@ Ray Train has no MLflow callback for its current API, so world rank 0 logs from 
 training function (``cluster/train.py``). The MLflow run id travels in every checkpoint's
 ``train_state.pt``; a resumed run re-opens the same MLflow run instead of starting a new one.
 
-The final model is logged with ``mlflow.pytorch`` as a :class:`ServingModel` (one packed input
-tensor in, one tensor of per-stream scores out, which is what MLflow's pyfunc serving supports),
+The final model is logged with ``mlflow.pytorch`` as a ``stresnet.serving.ServingModel`` (one
+packed input tensor in, one tensor of per-stream scores out, which is what MLflow's pyfunc serving
+supports),
 registered under a model name per dataset and pointed to by an alias. The plain weights file
 (``model.pt``, the checkpoint format) travels inside the logged model as ``extra_files/model.pt``,
 so a later stage can start from ``models:/NAME@ALIAS`` without unpickling code
@@ -18,13 +19,13 @@ which for a Ray worker is a temporary Ray session folder on one node.
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import subprocess
 import tempfile
 import warnings
 import urllib.error
+from dataclasses import dataclass
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,38 @@ import numpy as np
 import torch
 from torch import nn
 
+from stresnet import serving
+from stresnet.checkpoint import MODEL_FILE, save_model_file
 from stresnet.config import RunConfig, dump_config, flatten, to_dict
-from stresnet.evaluate import REPORT_STREAMS
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS_ARTIFACT = "extra_files/model.pt"  # inside a logged model: the checkpoint-format weights
+WEIGHTS_ARTIFACT = f"extra_files/{MODEL_FILE}"  # inside a logged model: the checkpoint-format weights
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 RAY_SESSION = re.compile(r"/session_(\d{4}-|latest\b)")  # Ray's per-session temp folders
 
 
 class TrackingError(RuntimeError):
     """The tracking URI cannot be used; the message says what to fix."""
+
+
+@dataclass
+class RunTracking:
+    """The run's tracking as the driver prepared it (:func:`prepare`); picklable, so it travels
+    to the workers, where world rank 0 opens the MLflow run with :meth:`start_run`."""
+
+    experiment_id: str
+    tags: dict[str, str]
+
+    def start_run(self, cfg: RunConfig, run_name: str, run_id: str | None) -> str:
+        """Open the MLflow run (a new one, or ``run_id`` when resuming); returns its id."""
+        return start_run(cfg, run_name, run_id, self.tags, self.experiment_id)
+
+
+def prepare(cfg: RunConfig, ray_address: str | None, extra_tags: dict[str, str]) -> RunTracking:
+    """The one tracking entry point of a training run, called by the driver: creates the
+    experiment if needed (:func:`ensure_experiment`) and collects the run's tags (git commit,
+    SLURM job, Ray address, plus ``extra_tags``)."""
+    return RunTracking(ensure_experiment(cfg), {**run_tags(ray_address), **extra_tags})
 
 
 def experiment_name(cfg: RunConfig) -> str:
@@ -185,47 +207,8 @@ def start_run(
     return run.info.run_id
 
 
-class ServingModel(nn.Module):
-    """The trained network behind one tensor, for MLflow's pyfunc serving.
-
-    Input ``clips (B, T, C, H, W)``: RGB channels then the flow stack's ``2L`` channels (only
-    the modalities the model uses). Output ``(B, S, K)``: softmax scores of the streams the model
-    has, in the order of :attr:`streams` (e.g. appearance, motion, fused).
-    """
-
-    def __init__(self, model: nn.Module, uses_rgb: bool, uses_flow: bool, streams: list[str]):
-        super().__init__()
-        self.model = model
-        self.uses_rgb = uses_rgb
-        self.uses_flow = uses_flow
-        self.streams = streams
-
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        rgb = clips[:, :, :3] if self.uses_rgb else None
-        flow = (clips[:, :, 3:] if self.uses_rgb else clips) if self.uses_flow else None
-        outputs = self.model(rgb, flow)
-        scores = [
-            outputs[s].float() if s == "fused" else outputs[s].float().softmax(dim=1)
-            for s in self.streams
-        ]
-        return torch.stack(scores, dim=1)
-
-
-def serving_model(model: nn.Module, cfg: RunConfig) -> ServingModel:
-    """A CPU float32 copy of ``model`` (unwrapped from DDP) behind :class:`ServingModel`."""
-    model = copy.deepcopy(getattr(model, "module", model)).float().cpu().eval()
-    mode = cfg.model.mode
-    uses_rgb, uses_flow = mode != "motion", mode != "appearance"
-    streams = [s for s in REPORT_STREAMS if s == "fused" or (s == "appearance" and uses_rgb) or (s == "motion" and uses_flow)]
-    return ServingModel(model, uses_rgb, uses_flow, streams)
-
-
-def example_clips(cfg: RunConfig, seed: int = 0) -> np.ndarray:
-    """A small input example (one clip, 32x32: the network is fully convolutional in space)."""
-    mode = cfg.model.mode
-    channels = (3 if mode != "motion" else 0) + (2 * cfg.model.flow_length if mode != "appearance" else 0)
-    generator = np.random.default_rng(seed)
-    return generator.standard_normal((1, cfg.sampling.frames, channels, 32, 32), dtype=np.float32)
+# Models logged before stresnet/serving.py existed pickled this name; keep them loadable.
+ServingModel = serving.ServingModel
 
 
 def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
@@ -237,10 +220,10 @@ def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    serving = serving_model(model, cfg)
-    example = example_clips(cfg)
+    served = serving.serving_model(model, cfg.model)
+    example = serving.example_clips(cfg.model, cfg.sampling.train_positions).numpy()
     with torch.no_grad():
-        scores = serving(torch.from_numpy(example)).numpy()
+        scores = served(torch.from_numpy(example)).numpy()
     signature = ModelSignature(
         # Unnamed tensors: pyfunc then passes one array, which is all mlflow.pytorch serves.
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, example.shape[1], example.shape[2], -1, -1))]),
@@ -250,17 +233,16 @@ def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
     with tempfile.TemporaryDirectory() as folder:
         # The checkpoint-format weights beside the pickled model: what a later stage starts
         # from (torch.load(weights_only=True), no code runs on loading).
-        weights = Path(folder) / "model.pt"
-        torch.save({"model": serving.model.state_dict(), "config": to_dict(cfg)}, weights)
+        weights = save_model_file(Path(folder) / MODEL_FILE, served.model.state_dict(), to_dict(cfg))
         info = mlflow.pytorch.log_model(
-            serving,
+            served,
             name="model",
             signature=signature,
             input_example=example,
             registered_model_name=name,
-            # The pickled model refers to these packages' classes; ship their code with it.
+            # The pickled model refers to stresnet's classes only; ship that package with it.
             serialization_format="pickle",  # torch.export (pt2) would fix the example's shapes
-            code_paths=[str(REPO / "stresnet"), str(REPO / "cluster")],
+            code_paths=[str(REPO / "stresnet")],
             # Skip MLflow's requirement inference (it imports the model in a subprocess: slow).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml"],
             extra_files=[str(weights)],
@@ -323,3 +305,9 @@ def log_metrics(metrics: dict[str, Any], step: int) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def end_run() -> None:
+    import mlflow
+
+    mlflow.end_run()

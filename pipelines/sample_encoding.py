@@ -1,7 +1,7 @@
 """One video -> one WebDataset sample: decode, optical flow, JPEG encoding (in worker processes).
 
 ``process_videos`` runs ``video_sample`` over a list of videos, in order, in a pool of
-``shards.workers`` processes; the shard writer consumes its results one shard at a time.
+``shards.processes`` processes; the shard writer consumes its results one shard at a time.
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ class Processing:
 
 
 def process_videos(
-    videos: list[VideoEntry], processing: Processing, workers: int
+    videos: list[VideoEntry], processing: Processing, processes: int | None
 ) -> Iterator[tuple[dict | None, str | None]]:
-    """(sample, None) or (None, reason) per video, in order; a process pool when ``workers`` != 1."""
-    workers = min(workers or len(os.sched_getaffinity(0)), len(videos))
+    """(sample, None) or (None, reason) per video, in order.
+
+    A process pool when ``processes`` != 1 (``None``: one per core).
+    """
+    workers = min(processes or len(os.sched_getaffinity(0)), len(videos))
     jobs = iter([(entry, processing) for entry in videos])
     if workers <= 1:
         _init_worker()

@@ -1,6 +1,6 @@
 """Writing shards: a partition's missing shards, each a WebDataset tar plus its index file.
 
-A partition is written by one process (with a pool of ``shards.workers`` encoding processes, see
+A partition is written by one process (with a pool of ``shards.processes`` encoding processes, see
 ``pipelines.sample_encoding``). Each shard is written as ``NAME.partial`` and its index as
 ``NAME.idx.partial``; both are renamed when complete (index first), then the shard is recorded in
 the partition's progress record (``pipelines.shard_planning``). A killed run therefore never
@@ -108,7 +108,7 @@ def write_partition(
     bar = tqdm(total=len(videos), unit="video", desc=f"p{partition:03d}",
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     failed = len(record_failures(record))
-    with bar, closing(process_videos(videos, processing, cfg.workers)) as results:
+    with bar, closing(process_videos(videos, processing, cfg.processes)) as results:
         for plan in todo:
             crash_at = None if cfg.crash_after_samples is None else cfg.crash_after_samples - written
             keys, failures = write_shard(out, plan, results, bar, crash_at)

@@ -6,6 +6,9 @@ missing, or a class folder the split files do not know, is an error that lists e
 
 Layouts (``dataset.root``):
 
+The official UCF101 and HMDB51 split files ship with the package (``pipelines/splits/*.zip``);
+``dataset.splits_dir`` names a folder of your own instead.
+
 - UCF101: ``ROOT/ClassName/v_ClassName_gXX_cYY.avi``; ``splits_dir`` holds ``classInd.txt``
   (``1 ApplyEyeMakeup``, 1-based), ``trainlistNN.txt`` (``Class/file.avi LABEL``) and
   ``testlistNN.txt`` (``Class/file.avi``). The synthetic dataset writes this layout too.
@@ -21,11 +24,29 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 from stresnet.config import DatasetConfig
+
+
+BUNDLED_SPLITS = Path(__file__).resolve().parent / "splits"  # <kind>.zip: the official files
+
+# A folder of split files on disk, or the same files inside a bundled zip archive.
+SplitsDir = Union[Path, zipfile.Path]
+
+
+def bundled_splits(kind: str) -> zipfile.Path:
+    """The official split files of ``kind`` (``ucf101`` or ``hmdb51``) shipped with the package."""
+    return zipfile.Path(BUNDLED_SPLITS / f"{kind}.zip")
+
+
+def splits_folder(kind: str, splits_dir: str | Path | None) -> SplitsDir:
+    """The user's ``splits_dir`` when given, else the bundled official files."""
+    return Path(splits_dir) if splits_dir else bundled_splits(kind)
 
 
 class DatasetError(ValueError):
@@ -59,19 +80,23 @@ def load_source(cfg: DatasetConfig) -> DatasetIndex:
     if cfg.kind in ("ucf101", "synthetic"):
         if cfg.kind == "synthetic" and cfg.split != 1:
             raise DatasetError(f"dataset.split: the synthetic dataset has split 1 only, got {cfg.split}")
-        splits_dir = cfg.splits_dir or cfg.root  # the synthetic writer puts them beside the videos
+        if cfg.kind == "synthetic":  # the synthetic writer puts them beside the videos
+            splits_dir: SplitsDir = Path(cfg.splits_dir or cfg.root)
+        else:
+            splits_dir = splits_folder("ucf101", cfg.splits_dir)
         index = ucf101_source(cfg.root, splits_dir, cfg.split)
         index.name = cfg.kind
     elif cfg.kind == "hmdb51":
-        index = hmdb51_source(cfg.root, cfg.splits_dir, cfg.split)
+        index = hmdb51_source(cfg.root, splits_folder("hmdb51", cfg.splits_dir), cfg.split)
     else:
         index = csv_source(cfg.csv)
     check_index(index)
     return index
 
 
-def ucf101_source(root: str | Path, splits_dir: str | Path, split: int) -> DatasetIndex:
-    root, splits_dir = Path(root), Path(splits_dir)
+def ucf101_source(root: str | Path, splits_dir: str | Path | SplitsDir, split: int) -> DatasetIndex:
+    root = Path(root)
+    splits_dir = splits_dir if isinstance(splits_dir, zipfile.Path) else Path(splits_dir)
     class_lines = _lines(splits_dir / "classInd.txt")
     classes = [line.split()[1] for line in class_lines]
     label_of = {name: i for i, name in enumerate(classes)}
@@ -97,12 +122,14 @@ HMDB_SPLIT_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<split>\d)\.txt$")
 HMDB_SPLITS = {"1": "train", "2": "test"}  # "0": not used in this split
 
 
-def hmdb51_source(root: str | Path, splits_dir: str | Path, split: int) -> DatasetIndex:
-    root, splits_dir = Path(root), Path(splits_dir)
+def hmdb51_source(root: str | Path, splits_dir: str | Path | SplitsDir, split: int) -> DatasetIndex:
+    root = Path(root)
+    splits_dir = splits_dir if isinstance(splits_dir, zipfile.Path) else Path(splits_dir)
     files = {}
-    for file in sorted(splits_dir.glob(f"*_test_split{split}.txt")):
+    listing = sorted(splits_dir.iterdir(), key=lambda f: f.name) if splits_dir.is_dir() else []
+    for file in listing:
         match = HMDB_SPLIT_FILE.match(file.name)
-        if match:
+        if match and match["split"] == str(split):
             files[match["cls"]] = file
     if not files:
         raise DatasetError(f"{splits_dir}: no HMDB51 split files *_test_split{split}.txt")
@@ -168,7 +195,7 @@ def check_index(index: DatasetIndex) -> None:
         )
 
 
-def _lines(path: Path) -> list[str]:
+def _lines(path: SplitsDir) -> list[str]:
     try:
         text = path.read_text()
     except OSError as err:

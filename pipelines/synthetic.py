@@ -123,7 +123,7 @@ def write_synthetic_dataset(cfg: DatasetConfig) -> Path:
             # Seeded by the class's place among *all* classes: a class looks the same whichever
             # families are selected.
             rng = np.random.default_rng([syn.seed, every_class.index(cls.name), v])
-            frames = render_video(cls, rng, syn.frames, syn.height, syn.width)
+            frames = render_video(cls, rng, syn.video_frames, syn.height, syn.width)
             ext = ".mp4" if v % 2 == 0 else ".avi"
             rel = f"{cls.name}/v_{cls.name}_g{v + 1:02d}_c01{ext}"
             # Write under a private name, then rename: tasks generating the same dataset at once

@@ -10,7 +10,7 @@
 #
 # Settings you may change:
 #   --array=0-(N-1)   number of partitions N (always 0-based and contiguous: task i writes i)
-#   --cpus-per-task   decoding/flow processes per task (shards.workers follows it)
+#   --cpus-per-task   decoding/flow processes per task (shards.processes follows it)
 #   --time, --partition, ...   other sbatch options
 #   CONFIG            shards config (default: configs/shards/ucf101.yaml)
 #   OVERRIDES         space-separated key=value config overrides; script arguments are too
@@ -51,5 +51,5 @@ if ((SLURM_ARRAY_TASK_ID == 0)) && ((${SLURM_RESTART_COUNT:-0} == 0)); then
 fi
 
 echo "make_shards.sh: task $SLURM_ARRAY_TASK_ID writes partition $SLURM_ARRAY_TASK_ID of $count ($config)"
-exec "$venv/bin/stresnet" shards --config "$config" shards.workers="${SLURM_CPUS_PER_TASK:-1}" \
+exec "$venv/bin/stresnet" shards --config "$config" shards.processes="${SLURM_CPUS_PER_TASK:-1}" \
     "${overrides[@]}" "${partitioning[@]}" shards.partition="$SLURM_ARRAY_TASK_ID"

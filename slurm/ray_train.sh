@@ -7,7 +7,7 @@
 #   CONFIG          run config (YAML), relative to the submit folder or absolute
 #   OVERRIDES       config overrides, space-separated key=value (no spaces inside a value); the
 #                   script's arguments are overrides too and win:
-#                     OVERRIDES="train.epochs=2" sbatch slurm/train_ucf101.sh data.batch_size=4
+#                     OVERRIDES="train.epochs=2" sbatch slurm/train_ucf101.sh data.batch_size_per_worker=4
 #   STRESNET_DIR    the checkout (default: the folder sbatch was run in)
 #   VENV            virtualenv with stresnet installed (default: $STRESNET_DIR/.venv)
 #   RAY_NODE_IFACE  network interface for Ray, NCCL and Gloo, e.g. ib0 (default: the default

@@ -10,8 +10,8 @@ The layout and parameter names are torchvision's (``conv1, bn1, layer1..layer4, 
 * The temporal pooling head (spec section 4): pool over time on the last stage's output, then
   classify every remaining time step and average the logits.
 
-The cross-stream connections (spec section 2) live in ``stresnet.model``, which steps the two
-streams' residual units in lockstep and hands each unit its extra input.
+The cross-stream connections (spec section 2) live in ``stresnet.cross_stream``, which steps the
+two streams' residual units in lockstep and hands the receiving unit its extra input.
 """
 
 from __future__ import annotations
@@ -100,31 +100,27 @@ def _conv(conv: nn.Module, x: Tensor, num_frames: int) -> Tensor:
 
 
 class Bottleneck(tv.Bottleneck):
-    """torchvision's bottleneck unit, on clips, with an optional input from the other stream.
+    """torchvision's bottleneck unit, on clips, whose residual branch may read an extra tensor.
 
-    ``cross`` (same shape as ``x``) is the other stream's feature map (spec section 2):
-    ``residual`` adds it to the input of the residual branch only, ``x + F(x + cross)`` (paper);
-    ``direct`` adds it before the unit, into the identity path too, ``(x + cross) + F(x + cross)``.
+    ``branch_input`` (same shape as ``x``): what the residual branch reads instead of ``x``; the
+    identity path keeps ``x``. The cross-stream connections (``stresnet.cross_stream``) use it.
     """
 
-    def forward(  # type: ignore[override]
-        self,
-        x: Tensor,
-        num_frames: int = 1,
-        cross: Optional[Tensor] = None,
-        cross_kind: str = "residual",
+    def residual_sum(
+        self, x: Tensor, num_frames: int = 1, branch_input: Optional[Tensor] = None
     ) -> Tensor:
-        identity = x
-        if cross is not None:
-            x = x + cross
-            if cross_kind == "direct":
-                identity = x
-        out = self.relu(self.bn1(_conv(self.conv1, x, num_frames)))
+        """``F(branch_input or x) + identity(x)``: the unit's output before its final ReLU."""
+        out = x if branch_input is None else branch_input
+        out = self.relu(self.bn1(_conv(self.conv1, out, num_frames)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(_conv(self.conv3, out, num_frames))
-        if self.downsample is not None:
-            identity = self.downsample(identity)
-        return self.relu(out + identity)
+        identity = x if self.downsample is None else self.downsample(x)
+        return out + identity
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, num_frames: int = 1, branch_input: Optional[Tensor] = None
+    ) -> Tensor:
+        return self.relu(self.residual_sum(x, num_frames, branch_input))
 
 
 class ResNet(nn.Module):

@@ -8,7 +8,10 @@ out-of-range values are rejected with the full key path and the allowed values, 
 
 Validation is driven by the type hints (``int``, ``float``, ``bool``, ``str``, ``Optional``,
 ``Literal``, ``list``, ``tuple`` and nested dataclasses) plus ``min``/``max`` metadata on numeric
-fields, so adding a field is one line; cross-field rules live in each section's ``check``.
+fields, so adding a field is one line; cross-field rules live in each section's ``check``. File
+and folder fields are declared with :func:`path`; :func:`absolute_paths` resolves them all. A key
+that was renamed stays in its section's ``RENAMED`` (old -> new), so an old config fails with
+the new name, e.g. ``train.batch_size: renamed to train.global_batch_size``.
 
 ``dump_config`` writes the resolved config back to YAML; loading that file gives an equal object.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
+
+from stresnet.cross_stream import InjectionConfig  # the connection's config lives with its module
 
 
 class ConfigError(ValueError):
@@ -33,6 +39,16 @@ class ConfigError(ValueError):
 def num(default: Any, min: float | None = None, max: float | None = None) -> Any:
     """A numeric field with an allowed range (inclusive)."""
     return field(default=default, metadata={"min": min, "max": max})
+
+
+def path(default: Optional[str], keep: tuple[str, ...] = ()) -> Any:
+    """A file or folder field: :func:`absolute_paths` makes it absolute before a run starts.
+
+    Values with a URI scheme (``models:/...``, ``s3://...``, ``http://...``) stay as they are,
+    except ``sqlite:///relative.db``, whose file part is made absolute; so do the words in
+    ``keep`` (e.g. ``imagenet``).
+    """
+    return field(default=default, metadata={"path": True, "keep": keep})
 
 
 def _list(*default: Any) -> Any:
@@ -48,8 +64,10 @@ def _list(*default: Any) -> Any:
 class SyntheticConfig:
     """The bundled synthetic action dataset (see ``pipelines/synthetic.py``)."""
 
+    RENAMED: typing.ClassVar[dict[str, str]] = {"frames": "video_frames"}
+
     videos_per_class: int = num(8, min=2)
-    frames: int = num(40, min=4)
+    video_frames: int = num(40, min=4)  # length of every video
     height: int = num(64, min=16)
     width: int = num(80, min=16)
     fps: float = num(25.0, min=1.0)
@@ -72,15 +90,14 @@ class DatasetConfig:
     """Where the videos are and which split files describe them."""
 
     kind: Literal["ucf101", "hmdb51", "csv", "synthetic"] = "synthetic"
-    root: str = "data/synthetic/videos"  # folder of videos (for synthetic: where they are written)
-    splits_dir: Optional[str] = None  # folder of official split files (ucf101, hmdb51)
-    csv: Optional[str] = None  # csv source: path,label[,split]
+    root: str = path("data/synthetic/videos")  # folder of videos (for synthetic: where they are written)
+    # ucf101/hmdb51: a folder of split files; None: the official files bundled with stresnet
+    splits_dir: Optional[str] = path(None)
+    csv: Optional[str] = path(None)  # csv source: path,label[,split]
     split: int = num(1, min=1, max=3)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def check(self) -> None:
-        if self.kind in ("ucf101", "hmdb51") and not self.splits_dir:
-            raise ConfigError(f"splits_dir: required when dataset.kind is {self.kind!r}")
         if self.kind == "csv" and not self.csv:
             raise ConfigError("csv: required when dataset.kind is 'csv'")
 
@@ -89,7 +106,9 @@ class DatasetConfig:
 class ShardsConfig:
     """Videos -> RGB frames + optical flow -> WebDataset shards (``stresnet shards``)."""
 
-    output: str = "data/synthetic/shards"
+    RENAMED: typing.ClassVar[dict[str, str]] = {"workers": "processes (null: one per core)"}
+
+    output: str = path("data/synthetic/shards")
     samples_per_shard: int = num(64, min=1)
     short_side: int = num(256, min=0)  # resize so the shorter side is this; 0 keeps native size
     fps: Optional[float] = num(None, min=1.0)  # None keeps the native frame rate
@@ -97,7 +116,7 @@ class ShardsConfig:
     tvl1_epsilon: float = num(0.01, min=1e-4, max=1.0)  # TV-L1 stopping threshold (OpenCV default)
     flow_bound: float = num(20.0, min=1.0)  # pixels; flow is clipped to [-bound, bound]
     jpeg_quality: int = num(90, min=50, max=100)
-    workers: int = num(0, min=0)  # processes; 0 = one per core
+    processes: Optional[int] = num(None, min=1)  # None: one per core
     num_partitions: int = num(1, min=1)  # for job arrays: this task writes partition `partition`
     partition: Optional[int] = num(None, min=0)  # None = all partitions in this process
     allow_failures: bool = False  # exit 0 even when some videos could not be read
@@ -111,15 +130,6 @@ class ShardsConfig:
             raise ConfigError(
                 f"partition: got {self.partition}, expected 0..{self.num_partitions - 1}"
             )
-
-
-@dataclass
-class InjectionConfig:
-    """Cross-stream residual connections (spec section 2)."""
-
-    stages: list[Literal[2, 3, 4, 5]] = _list(2, 3, 4, 5)  # conv2_x .. conv5_x; [] disables
-    kind: Literal["residual", "direct"] = "residual"  # into the residual branch, or identity path
-    direction: Literal["motion_to_appearance", "bidirectional"] = "motion_to_appearance"
 
 
 @dataclass
@@ -158,19 +168,26 @@ class InitConfig:
     # torchvision: a ResNet state-dict file (e.g. ImageNet weights you downloaded), loaded into
     # both streams with the cross-modality conv1 for flow. "imagenet" uses torchvision's
     # weights enum, which downloads: only where the machine may.
-    torchvision_weights: Optional[str] = None
-    appearance_checkpoint: Optional[str] = None  # base_streams: trained appearance base stream
-    motion_checkpoint: Optional[str] = None  # base_streams: trained motion base stream
-    checkpoint: Optional[str] = None  # checkpoint: e.g. stage 2 from stage 1
+    torchvision_weights: Optional[str] = path(None, keep=("imagenet",))
+    appearance_checkpoint: Optional[str] = path(None)  # base_streams: trained appearance base stream
+    motion_checkpoint: Optional[str] = path(None)  # base_streams: trained motion base stream
+    checkpoint: Optional[str] = path(None)  # checkpoint: e.g. stage 2 from stage 1
+
+    # Which keys name the files each kind loads: the one definition.
+    FILES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "random": (),
+        "torchvision": ("torchvision_weights",),
+        "base_streams": ("appearance_checkpoint", "motion_checkpoint"),
+        "checkpoint": ("checkpoint",),
+    }
+
+    def files(self) -> dict[str, Optional[str]]:
+        """``{key: value}`` of the keys this ``kind`` loads from (see ``FILES``)."""
+        return {key: getattr(self, key) for key in self.FILES[self.kind]}
 
     def check(self) -> None:
-        need = {
-            "torchvision": ["torchvision_weights"],
-            "base_streams": ["appearance_checkpoint", "motion_checkpoint"],
-            "checkpoint": ["checkpoint"],
-        }.get(self.kind, [])
-        for key in need:
-            if not getattr(self, key):
+        for key, value in self.files().items():
+            if not value:
                 raise ConfigError(f"{key}: required when init.kind is {self.kind!r}")
 
 
@@ -190,12 +207,40 @@ class ModelConfig:
     temporal_pool: TemporalPoolConfig = field(default_factory=TemporalPoolConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
+    # mode -> the streams it runs; each stream reads one input (appearance: RGB, motion: flow).
+    STREAMS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "st_resnet": ("appearance", "motion"),
+        "late_fusion": ("appearance", "motion"),
+        "appearance": ("appearance",),
+        "motion": ("motion",),
+    }
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The streams this mode runs, in output order (appearance before motion)."""
+        return self.STREAMS[self.mode]
+
+    @property
+    def uses_rgb(self) -> bool:
+        return "appearance" in self.streams
+
+    @property
+    def uses_flow(self) -> bool:
+        return "motion" in self.streams
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of one packed input frame: RGB (3) then the flow stack (2L), those used."""
+        return 3 * self.uses_rgb + 2 * self.flow_length * self.uses_flow
+
 
 @dataclass
 class SamplingConfig:
     """Clip sampling and augmentation (spec section 5)."""
 
-    frames: int = num(5, min=1)  # T frame positions per training clip
+    RENAMED: typing.ClassVar[dict[str, str]] = {"frames": "train_positions"}
+
+    train_positions: int = num(5, min=1)  # T frame positions per training clip
     stride_min: int = num(5, min=1)
     stride_max: int = num(15, min=1)
     input_size: int = num(224, min=16)
@@ -220,12 +265,14 @@ class SamplingConfig:
 class DataConfig:
     """What training and evaluation read."""
 
-    shards: str = "data/synthetic/shards"  # folder holding manifest.json and the shards
+    RENAMED: typing.ClassVar[dict[str, str]] = {"batch_size": "batch_size_per_worker"}
+
+    shards: str = path("data/synthetic/shards")  # folder holding manifest.json and the shards
     backend: Literal["cpu", "dali"] = "cpu"
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: decode on the GPU if there is one
-    batch_size: int = num(8, min=1)  # clips per worker per micro-batch
-    loader_workers: int = num(2, min=0)
-    decode_threads: int = num(0, min=0)  # DALI CPU threads per pipeline; 0: the process's cores, <= 8
+    batch_size_per_worker: int = num(8, min=1)  # clips per worker per micro-batch
+    loader_workers: int = num(2, min=0)  # loader processes per worker; 0: in the worker itself
+    decode_threads: int = num(0, min=0)  # DALI CPU threads; 0: the process's cores, at most 8
     hw_decoder_load: float = num(0.65, min=0.0, max=1.0)  # share of JPEGs for nvJPEG's HW engine
     train_split: str = "train"
     val_split: str = "test"
@@ -235,10 +282,12 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (spec section 6) and checkpointing."""
 
+    RENAMED: typing.ClassVar[dict[str, str]] = {"batch_size": "global_batch_size"}
+
     stage: Literal[0, 1, 2] = 1  # 0 = base stream, 1/2 = ST-ResNet stages (sets defaults in docs)
     epochs: int = num(1, min=1)
     steps_per_epoch: Optional[int] = num(None, min=1)  # None: one pass over the shards
-    batch_size: int = num(128, min=1)  # global clips per optimizer step (gradient accumulation)
+    global_batch_size: int = num(128, min=1)  # clips per optimizer step over all workers
     lr: float = num(1e-3, min=0.0)
     lr_steps: list[int] = _list()  # optimizer steps at which lr is divided by lr_decay
     lr_decay: float = num(10.0, min=1.0)
@@ -252,7 +301,7 @@ class TrainConfig:
     fail_at_step: Optional[int] = num(None, min=1)  # failure injection for tests: kill a worker
     stop_at_step: Optional[int] = num(None, min=1)  # end cleanly (checkpointed) after this step
     keep_checkpoints: Optional[int] = num(3, min=1)  # newest checkpoints kept; None keeps all
-    storage_path: str = "runs"  # shared filesystem on clusters
+    storage_path: str = path("runs")  # shared filesystem on clusters
     run_name: Optional[str] = None  # None: a new unique name; set it to resume that run
     resume: bool = False
 
@@ -273,22 +322,24 @@ class ClusterConfig:
 class TrackingConfig:
     """MLflow."""
 
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = path("sqlite:///mlflow.db")
     experiment: Optional[str] = None  # None: one experiment per dataset
     registered_model: Optional[str] = None  # None: stresnet-<dataset>
     alias: str = "current"  # registry alias moved to each new final model ("latest" is reserved)
     log_system_metrics: bool = True
     # Where a NEW experiment keeps its runs' artifacts (an existing one keeps its own). None:
     # sqlite stores use mlartifacts/<experiment> next to the database; servers their default.
-    artifact_location: Optional[str] = None
+    artifact_location: Optional[str] = path(None)
 
 
 @dataclass
 class EvalConfig:
     """``stresnet evaluate``: where the report goes."""
 
-    output: str = "outputs/eval"
-    batch_size: int = num(4, min=1)
+    RENAMED: typing.ClassVar[dict[str, str]] = {"batch_size": "batch_size_per_worker"}
+
+    output: str = path("outputs/eval")
+    batch_size_per_worker: int = num(4, min=1)  # evaluation clips per worker per batch
     fully_convolutional: bool = False  # stage 2: also run whole videos in one pass
 
 
@@ -365,8 +416,12 @@ def from_dict(cls: type, raw: Any, path: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
+    where = path + "." if path else ""
+    renamed = getattr(cls, "RENAMED", {})
+    for key in unknown:
+        if key in renamed:
+            raise ConfigError(f"{where}{key}: renamed to {where}{renamed[key]}")
     if unknown:
-        where = path + "." if path else ""
         raise ConfigError(
             f"{where}{unknown[0]}: unknown key; allowed keys here: {sorted(fields)}"
         )
@@ -430,6 +485,34 @@ def _convert(hint: Any, value: Any, key: str, meta: Any = None) -> Any:
     if hint is Any:
         return value
     raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+URI_SCHEME = re.compile(r"[a-zA-Z][\w+.-]*:/")  # models:/, s3://, http://, file:/, sqlite:///
+SQLITE = "sqlite:///"
+
+
+def absolute_paths(config: Any) -> Any:
+    """A copy of ``config`` (any config dataclass) with every :func:`path` field made absolute.
+
+    Ray workers do not share the driver's working directory, so a run resolves its paths once,
+    on the driver. A new path field only has to be declared with :func:`path`.
+    """
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+        elif f.metadata.get("path") and value is not None and value not in f.metadata["keep"]:
+            changes[f.name] = _absolute(value)
+    return dataclasses.replace(config, **changes)
+
+
+def _absolute(value: str) -> str:
+    if value.startswith(SQLITE) and not value.startswith(SQLITE + "/"):
+        return SQLITE + str(Path(value[len(SQLITE):]).expanduser().resolve())
+    if URI_SCHEME.match(value):
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 def _show(value: Any) -> str:

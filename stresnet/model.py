@@ -3,8 +3,8 @@
 ``model.appearance`` sees RGB frames, ``model.motion`` stacks of 2L optical-flow channels; both are
 ``stresnet.backbone.ResNet`` (torchvision names). Modes:
 
-* ``st_resnet``: the streams run unit by unit in lockstep; in each configured stage the motion
-  stream's first-unit output is added into the appearance stream's second unit (spec section 2).
+* ``st_resnet``: the streams run unit by unit in lockstep, joined by the cross-stream
+  connections of ``stresnet.cross_stream`` (spec section 2; ``model.injection``).
 * ``late_fusion``: the same two streams without cross-stream connections (plain two-stream).
 * ``appearance`` / ``motion``: one stream (base-stream training); the other input is ``None``.
 
@@ -14,17 +14,17 @@ Temporal convolutions and temporal pooling live inside each stream (``model.temp
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from stresnet.backbone import ResNet
-from stresnet.config import ModelConfig
+from stresnet.checkpoint import WeightsError, read_model_file
+from stresnet.config import ModelConfig, from_dict
+from stresnet.cross_stream import CrossStreamConnection
 from stresnet.weights import initialize
-
-STREAMS = {"st_resnet": ("appearance", "motion"), "late_fusion": ("appearance", "motion"),
-           "appearance": ("appearance",), "motion": ("motion",)}
 
 
 class STResNet(nn.Module):
@@ -37,7 +37,7 @@ class STResNet(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.streams = STREAMS[cfg.mode]
+        self.streams = cfg.streams
         common = dict(depth=cfg.depth, width=cfg.width, num_classes=cfg.num_classes,
                       temporal=cfg.temporal, pool=cfg.temporal_pool)
         if "appearance" in self.streams:
@@ -47,7 +47,9 @@ class STResNet(nn.Module):
                 in_channels=2 * cfg.flow_length, dropout=cfg.dropout_motion, **common
             )
         # Cross-stream connections exist only in st_resnet mode (late fusion is their ablation).
-        self.inject_stages = set(cfg.injection.stages) if cfg.mode == "st_resnet" else set()
+        self.cross_stream = None
+        if cfg.mode == "st_resnet" and cfg.injection.stages:
+            self.cross_stream = CrossStreamConnection(cfg.injection)
 
     def forward(self, rgb: Optional[Tensor], flow: Optional[Tensor]) -> dict[str, Tensor]:
         inputs = {"appearance": rgb, "motion": flow}
@@ -61,7 +63,7 @@ class STResNet(nn.Module):
         # (B, T, C, H, W) -> (B*T, C, H, W): every 2D layer processes all frames in one call.
         frames = {name: inputs[name].flatten(0, 1) for name in self.streams}
 
-        if self.inject_stages:
+        if self.cross_stream is not None:
             features = self._cross_stream_features(frames["appearance"], frames["motion"], num_frames)
         else:
             features = {name: getattr(self, name).features(frames[name], num_frames)
@@ -71,24 +73,30 @@ class STResNet(nn.Module):
         return out
 
     def _cross_stream_features(self, a: Tensor, m: Tensor, num_frames: int) -> dict[str, Tensor]:
-        """Both streams unit by unit; stage s's second units get the other stream's first unit."""
-        injection = self.cfg.injection
+        """Both streams stage by stage, joined by the cross-stream connections."""
         a, m = self.appearance.stem(a), self.motion.stem(m)
         for number in (2, 3, 4, 5):
-            a_units, m_units = self.appearance.stage(number), self.motion.stage(number)
-            for index, (a_unit, m_unit) in enumerate(zip(a_units, m_units)):
-                to_a = to_m = None
-                if index == 1 and number in self.inject_stages:
-                    to_a = m  # the motion stream's first-unit output (post-ReLU)
-                    if injection.direction == "bidirectional":
-                        to_m = a
-                a, m = (a_unit(a, num_frames, to_a, injection.kind),
-                        m_unit(m, num_frames, to_m, injection.kind))
+            a, m = self.cross_stream(number, self.appearance.stage(number),
+                                     self.motion.stage(number), a, m, num_frames)
         return {"appearance": a, "motion": m}
 
 
 def build_model(cfg: ModelConfig) -> STResNet:
     """The network described by ``cfg``, with its weights initialised per ``cfg.init``."""
     model = STResNet(cfg)
-    initialize(model, cfg.init)
+    initialize(model, cfg)
+    return model
+
+
+def load_model(path: str | Path) -> STResNet:
+    """The network saved in ``model.pt`` (the file, a checkpoint folder or a run folder: see
+    ``stresnet.checkpoint.checkpoint_file``), built from the model config stored beside the
+    weights, so it matches whatever the run trained. ``model.cfg.init`` is ``random``: the
+    weights came from the file."""
+    source, payload = read_model_file(path)
+    config = payload.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise WeightsError(f"{source}: not a stresnet model file (expected keys 'model' and 'config')")
+    model = build_model(from_dict(ModelConfig, {**config["model"], "init": {"kind": "random"}}, "model"))
+    model.load_state_dict(payload["model"])
     return model

@@ -168,7 +168,7 @@ def train_plan(
     """The training clip of ``video_id`` in ``epoch``: a function of (seed, epoch, video_id)."""
     rng = clip_rng(seed, epoch, video_id)
     positions = train_positions(
-        num_frames, cfg.frames, cfg.stride_min, cfg.stride_max, flow_length, rng
+        num_frames, cfg.train_positions, cfg.stride_min, cfg.stride_max, flow_length, rng
     )
     box, flip = train_crop(height, width, cfg, rng)
     return _plan(positions, num_frames, flow_length, box, flip)

@@ -1,12 +1,12 @@
 """The training step (spec sections 4 and 6), free of Ray and MLflow.
 
-One *optimizer step* consumes ``train.batch_size`` clips in total: every worker runs
-``accumulation`` micro-batches of ``data.batch_size`` clips, summing gradients, then all workers
+One *optimizer step* consumes ``train.global_batch_size`` clips in total: every worker runs
+``accumulation`` micro-batches of ``data.batch_size_per_worker`` clips, summing gradients, then all workers
 average them (DDP) and SGD takes one step. The learning rate is a pure function of the optimizer
 step (:func:`learning_rate`), so a resumed run needs nothing but the step count to continue the
 schedule.
 
-Typical use (see ``cluster/train.py``)::
+Typical use (see ``cluster/worker.py``)::
 
     optimizer = build_optimizer(model, cfg.train)
     for step, micro_batches in ...:
@@ -33,8 +33,7 @@ from torch import nn
 
 from stresnet.config import ConfigError, TrainConfig
 
-# The streams that have their own classifier and loss; "fused" is their averaged softmax.
-STREAMS = ("appearance", "motion")
+FUSED = "fused"  # the model output that averages the streams' softmax; every other is a stream
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -42,7 +41,7 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> 
     per_pass = micro_batch * world_size
     if global_batch % per_pass:
         raise ConfigError(
-            f"train.batch_size: got {global_batch}, expected a multiple of data.batch_size x "
+            f"train.global_batch_size: got {global_batch}, expected a multiple of data.batch_size_per_worker x "
             f"workers = {micro_batch} x {world_size} = {per_pass} (gradient accumulation "
             f"reaches the global batch in whole micro-batches)"
         )
@@ -91,10 +90,11 @@ def stream_losses(outputs: dict[str, torch.Tensor], labels: torch.Tensor) -> dic
     (spec section 4).
     """
     losses = {
-        name: F.cross_entropy(outputs[name].float(), labels) for name in STREAMS if name in outputs
+        name: F.cross_entropy(logits.float(), labels) for name, logits in outputs.items()
+        if name != FUSED
     }
     if not losses:
-        raise ValueError(f"model outputs {sorted(outputs)} contain no stream logits {STREAMS}")
+        raise ValueError(f"model outputs {sorted(outputs)} contain no stream logits")
     losses["total"] = sum(losses.values())
     return losses
 
@@ -141,7 +141,8 @@ class StepTotals:
     """Loss sum, correct predictions and clips of one optimizer step, summed on the device.
 
     ``tensor`` is what to all-reduce across workers (float64: exact counts); ``read`` returns the
-    step's mean loss and accuracy with one synchronisation, at log time.
+    step's mean loss and accuracy, its clips (of all workers, after an all-reduce) and the free
+    slot, with one synchronisation, at log time.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -157,7 +158,8 @@ class StepTotals:
 
     def read(self) -> dict[str, float]:
         loss_sum, correct, clips, flag = self.tensor.tolist()
-        return {"loss": loss_sum / clips, "accuracy": correct / clips, "flag": flag}
+        return {"loss": loss_sum / clips, "accuracy": correct / clips, "clips": clips,
+                "flag": flag}
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

@@ -11,57 +11,51 @@ The chain the paper trains along (spec sections 1-4):
 3. ``checkpoint``: a whole model, e.g. stage 2 from stage 1.
 
 In every case a 1x1 weight meets a temporal conv by inflation (``stresnet.backbone.inflate_1x1``,
-rule ``model.temporal.init``). Files load with ``torch.load(weights_only=True)``; any missing,
+rule ``model.temporal.init``). Files load through ``stresnet.checkpoint`` (``weights_only=True``); any missing,
 unexpected or mis-shaped key stops with the file name and the lists of keys.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from stresnet.backbone import inflate_1x1
-from stresnet.config import InitConfig
-
-if TYPE_CHECKING:
-    from stresnet.model import STResNet
+from stresnet.checkpoint import WeightsError, load_file, read_checkpoint
+from stresnet.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
-class WeightsError(RuntimeError):
-    """A weights file cannot be read or does not fit the model."""
-
-
-def initialize(model: "STResNet", cfg: InitConfig) -> None:
-    """Initialise ``model`` in place per ``cfg`` (``random`` keeps the constructor's init)."""
-    temporal_init = model.cfg.temporal.init
+def initialize(model: nn.Module, model_cfg: ModelConfig) -> None:
+    """Initialise ``model`` (an ``STResNet``: one ResNet attribute per stream of
+    ``model_cfg.streams``) in place per ``model_cfg.init``; ``random`` keeps the constructor's."""
+    cfg, streams = model_cfg.init, model_cfg.streams
+    temporal_init = model_cfg.temporal.init
     if cfg.kind == "random":
         return
     if cfg.kind == "torchvision":
-        source, state = torchvision_state_dict(cfg.torchvision_weights, model.cfg.depth)
-        for name in model.streams:
+        source, state = torchvision_state_dict(cfg.torchvision_weights, model_cfg.depth)
+        for name in streams:
             load_stream(getattr(model, name), state, source, temporal_init,
                         cross_modality=name == "motion", new_classifier=True)
     elif cfg.kind == "base_streams":
         files = {"appearance": cfg.appearance_checkpoint, "motion": cfg.motion_checkpoint}
-        for name in model.streams:
+        for name in streams:
             source, state = read_checkpoint(files[name])
             load_stream(getattr(model, name), stream_part(state, name, source, strict=False),
                         source, temporal_init)
     elif cfg.kind == "checkpoint":
         source, state = read_checkpoint(cfg.checkpoint)
-        others = sorted(k for k in state if k.split(".", 1)[0] not in model.streams)
+        others = sorted(k for k in state if k.split(".", 1)[0] not in streams)
         if others:
             raise WeightsError(f"{source}: unexpected keys (streams this model lacks): {others}")
-        for name in model.streams:
+        for name in streams:
             load_stream(getattr(model, name), stream_part(state, name, source, strict=True),
                         source, temporal_init)
-    log.info("initialised %s from %s", model.cfg.mode, cfg.kind)
+    log.info("initialised %s from %s", model_cfg.mode, cfg.kind)
 
 
 def torchvision_state_dict(weights: str | None, depth: int) -> tuple[str, dict[str, Tensor]]:
@@ -72,43 +66,10 @@ def torchvision_state_dict(weights: str | None, depth: int) -> tuple[str, dict[s
         enum = {50: models.ResNet50_Weights, 101: models.ResNet101_Weights,
                 152: models.ResNet152_Weights}[depth].IMAGENET1K_V1  # the classic recipe
         return f"torchvision {enum}", enum.get_state_dict(progress=False)
-    state = _load(weights)
+    state = load_file(weights)
     if not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"{weights}: expected a ResNet state dict (name -> tensor)")
     return str(weights), state
-
-
-def checkpoint_file(path: str | Path) -> Path:
-    """The ``model.pt`` that ``path`` names: the file itself, a checkpoint folder holding it, or a
-    run folder, whose newest ``checkpoint_*`` folder is taken (names sort by step)."""
-    path = Path(path)
-    if not path.is_dir() or (path / "model.pt").is_file():
-        return path / "model.pt" if path.is_dir() else path
-    newest = sorted(path.glob("checkpoint_*/model.pt"))
-    if not newest:
-        raise WeightsError(f"{path}: a folder without model.pt or checkpoint_*/model.pt")
-    return newest[-1]
-
-
-def read_checkpoint(path: str | None) -> tuple[str, dict[str, Tensor]]:
-    """(source name, model state dict) of a checkpoint: see ``checkpoint_file``."""
-    file = checkpoint_file(str(path))
-    checkpoint = _load(file)
-    if not isinstance(checkpoint.get("model"), dict):
-        raise WeightsError(f"{file}: not a model checkpoint (expected a dict with key 'model')")
-    return str(file), checkpoint["model"]
-
-
-def _load(path: str | Path | None) -> dict:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: weights file not found") from None
-    except Exception as err:  # pickle/zip errors: say which file, keep the cause
-        raise WeightsError(f"{path}: cannot load weights ({err})") from err
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a dict, got {type(data).__name__}")
-    return data
 
 
 def stream_part(state: dict[str, Tensor], name: str, source: str, strict: bool) -> dict[str, Tensor]:

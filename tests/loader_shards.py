@@ -110,9 +110,9 @@ def config(shards: Path, **overrides) -> RunConfig:
     from stresnet.config import load_config
 
     items = {
-        "data.shards": str(shards), "data.batch_size": 2, "data.loader_workers": 0,
-        "data.train_split": "train", "data.val_split": "test", "eval.batch_size": 2,
-        "sampling.input_size": 24, "sampling.frames": 3, "sampling.stride_min": 1,
+        "data.shards": str(shards), "data.batch_size_per_worker": 2, "data.loader_workers": 0,
+        "data.train_split": "train", "data.val_split": "test", "eval.batch_size_per_worker": 2,
+        "sampling.input_size": 24, "sampling.train_positions": 3, "sampling.stride_min": 1,
         "sampling.stride_max": 3, "sampling.test_positions": 4, "model.flow_length": 2,
         "model.num_classes": 3, "seed": 7,
     }

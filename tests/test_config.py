@@ -55,7 +55,7 @@ def test_overrides_apply_to_nested_keys_and_parse_yaml_values(tmp_path):
         ("sampling.crop_scale=[1.0]", "sampling.crop_scale: got [1.0] (list), expected a list of 2 values"),
         ("train.stage=true", "train.stage: got True (bool), expected one of [0, 1, 2]"),
         ("sampling.stride_min=20", "sampling.stride_min: got 20, expected <= stride_max (15)"),
-        ("dataset.kind=ucf101", "dataset.splits_dir: required when dataset.kind is 'ucf101'"),
+        ("dataset.kind=csv", "dataset.csv: required when dataset.kind is 'csv'"),
         ("model.init.kind=checkpoint", "model.init.checkpoint: required when init.kind is 'checkpoint'"),
         ("model.temporal.kernel=4", "model.temporal.kernel: got 4, expected an odd number"),
     ],
@@ -96,6 +96,60 @@ def test_malformed_files_and_overrides(tmp_path):
 
 def test_flatten_gives_dotted_keys_for_every_leaf():
     flat = flatten(load_config(None))
-    assert flat["model.injection.kind"] == "residual"
+    assert flat["model.injection.variant"] == "code"
     assert flat["sampling.crop_scale"] == [0.75, 1.25]
     assert not any(isinstance(v, dict) for v in flat.values())
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("train.batch_size", "train.global_batch_size"),
+        ("data.batch_size", "data.batch_size_per_worker"),
+        ("eval.batch_size", "eval.batch_size_per_worker"),
+        ("sampling.frames", "sampling.train_positions"),
+        ("dataset.synthetic.frames", "dataset.synthetic.video_frames"),
+        ("shards.workers", "shards.processes"),
+        ("model.injection.kind", "model.injection.variant"),
+    ],
+)
+def test_an_old_key_fails_naming_the_new_one(tmp_path, old, new):
+    *sections, key = old.split(".")
+    text = "".join(f"{'  ' * i}{s}:\n" for i, s in enumerate(sections)) + f"{'  ' * len(sections)}{key}: 1\n"
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{old}: renamed to {new}" in str(err.value)
+    assert str(err.value).startswith(str(path))
+
+
+def test_every_path_field_is_made_absolute_and_nothing_else(tmp_path, monkeypatch):
+    import dataclasses
+
+    from stresnet.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    # Every field declared as a path gets a relative value; every other string field is left.
+    relative = load_config(None, ["model.init.checkpoint=ckpt", "model.init.appearance_checkpoint=a",
+                                  "model.init.motion_checkpoint=models:/m@current",
+                                  "model.init.torchvision_weights=imagenet",
+                                  "dataset.csv=list.csv", "dataset.splits_dir=splits",
+                                  "tracking.artifact_location=art", "train.run_name=name"])
+    resolved = absolute_paths(relative)
+
+    def leaves(config, prefix=""):
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from leaves(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", f, value
+
+    before = {key: value for key, _, value in leaves(relative)}
+    changed = {key for key, _, value in leaves(resolved) if value != before[key]}
+    marked = {key for key, f, _ in leaves(relative) if f.metadata.get("path")}
+    kept = {"model.init.motion_checkpoint", "model.init.torchvision_weights"}  # URI, keep-word
+    assert changed == marked - kept
+    assert resolved.dataset.csv == str(tmp_path / "list.csv")
+    assert resolved.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolved.train.run_name == "name"

@@ -145,7 +145,7 @@ def test_flipped_clips_read_as_leftward_motion(shards, backend):
     [(2, 2, "cpu"), (3, 2, "cpu"), (2, 5, "cpu"), (3, 5, "cpu"), (3, 5, "dali")],
 )
 def test_ddp_ranks_split_each_epoch_and_run_equal_batches(shards, world_size, batch_size, backend):
-    cfg = config(shards, **{"data.batch_size": batch_size})
+    cfg = config(shards, **{"data.batch_size_per_worker": batch_size})
     n = len(TRAIN_FRAMES)
     for epoch in (0, 1):
         loaders = [build_loader(cfg, "train", r, world_size, backend) for r in range(world_size)]
@@ -242,7 +242,7 @@ def test_evaluation_drops_a_damaged_video_and_counts_it(shards, tmp_path, backen
     shutil.copytree(shards, copy)
     for t in range(1, TEST_FRAMES[1]):  # test video v013
         replace_member(copy / "test-p000-00000.tar", f"v013.{rgb_member(t)}", b"not a jpeg")
-    cfg = config(copy, **{"eval.batch_size": 1})  # v013's two views fill two whole batches
+    cfg = config(copy, **{"eval.batch_size_per_worker": 1})  # v013's two views fill two whole batches
     with caplog.at_level(logging.WARNING):
         loader = build_loader(cfg, "test", 0, 1, backend=backend)
         batches = list(loader)

@@ -366,50 +366,75 @@ def test_motion_loss_reaches_appearance_only_when_bidirectional(direction):
         assert all(v == 0 for v in g.values())
 
 
-class Recorder:
-    """Forward hooks: unit outputs, the input of unit 2's branch2a, unit 2's bn3 output."""
-
-    def __init__(self, model: STResNet) -> None:
-        self.seen: dict[tuple, torch.Tensor] = {}
-        for name in ("appearance", "motion"):
-            for number in (2, 3, 4, 5):
-                stage = getattr(model, name).stage(number)
-                self._out(stage[0], (name, number, "unit1"))
-                self._out(stage[1], (name, number, "unit2"))
-                self._out(stage[1].bn3, (name, number, "bn3"))
-                stage[1].conv1.register_forward_pre_hook(self._pre((name, number, "branch_in")))
-
-    def _out(self, module: nn.Module, key: tuple) -> None:
-        module.register_forward_hook(lambda m, args, out: self.seen.__setitem__(key, out.detach().clone()))
-
-    def _pre(self, key: tuple):
-        return lambda m, args: self.seen.__setitem__(key, args[0].detach().clone())
+def branch(unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A 2D bottleneck's residual branch F(x), written out layer by layer."""
+    out = torch.relu(unit.bn1(unit.conv1(x)))
+    out = torch.relu(unit.bn2(unit.conv2(out)))
+    return unit.bn3(unit.conv3(out))
 
 
-@pytest.mark.parametrize("kind", ["residual", "direct"])
-@pytest.mark.parametrize("direction", ["motion_to_appearance", "bidirectional"])
-def test_injection_changes_exactly_the_right_tensors(kind, direction):
-    model = build_model(small("model.injection.stages=[3,5]", f"model.injection.kind={kind}",
-                              f"model.injection.direction={direction}")).eval()
-    rec = Recorder(model)
-    with torch.no_grad():
-        model(*clips())
-    s = rec.seen
+def reference_features(model: STResNet, rgb, flow, stages, variant, bidirectional):
+    """The cross-stream network by hand, from each variant's stated equation (docs/model.md).
+
+    With s = unit 1's sum before its ReLU, x = relu(s) its output and o the other stream's x:
+    code: x + F(s + o); paper: x + F(x + o); direct: (x + o) + F(x + o), then the ReLU.
+    """
+    A, M = model.appearance, model.motion
+    a, m = A.stem(rgb.flatten(0, 1)), M.stem(flow.flatten(0, 1))
+
+    def unit_sum(unit, x, branch_in=None):
+        identity = x if unit.downsample is None else unit.downsample(x)
+        return branch(unit, x if branch_in is None else branch_in) + identity
+
+    def receive(unit, x, s, other):
+        if variant == "code":
+            return torch.relu(x + branch(unit, s + other))
+        if variant == "paper":
+            return torch.relu(x + branch(unit, x + other))
+        return torch.relu(x + other + branch(unit, x + other))  # direct
+
     for number in (2, 3, 4, 5):
-        a1, m1 = s["appearance", number, "unit1"], s["motion", number, "unit1"]
-        on = number in (3, 5)
-        # Branch input of the appearance unit 2: a1 + m1 where injected, else a1.
-        assert torch.equal(s["appearance", number, "branch_in"], a1 + m1 if on else a1)
-        # Identity path: untouched for residual, a1 + m1 for direct.
-        identity = a1 + m1 if on and kind == "direct" else a1
-        torch.testing.assert_close(s["appearance", number, "unit2"],
-                                   torch.relu(s["appearance", number, "bn3"] + identity))
-        # Motion stream: receives the appearance stream's unit-1 output only when bidirectional.
-        m_in = m1 + a1 if on and direction == "bidirectional" else m1
-        assert torch.equal(s["motion", number, "branch_in"], m_in)
-        m_identity = m_in if kind == "direct" else m1
-        torch.testing.assert_close(s["motion", number, "unit2"],
-                                   torch.relu(s["motion", number, "bn3"] + m_identity))
+        a_units, m_units = A.stage(number), M.stage(number)
+        s_a, s_m = unit_sum(a_units[0], a), unit_sum(m_units[0], m)
+        a, m = torch.relu(s_a), torch.relu(s_m)
+        if number in stages:
+            a, m = (receive(a_units[1], a, s_a, m),
+                    receive(m_units[1], m, s_m, a) if bidirectional else torch.relu(unit_sum(m_units[1], m)))
+        else:
+            a, m = torch.relu(unit_sum(a_units[1], a)), torch.relu(unit_sum(m_units[1], m))
+        for a_unit, m_unit in zip(a_units[2:], m_units[2:]):
+            a, m = torch.relu(unit_sum(a_unit, a)), torch.relu(unit_sum(m_unit, m))
+    return a, m
+
+
+@pytest.mark.parametrize("variant", ["code", "paper", "direct"])
+@pytest.mark.parametrize("direction", ["motion_to_appearance", "bidirectional"])
+def test_each_injection_variant_computes_its_equation(variant, direction):
+    model = build_model(small("model.injection.stages=[3,5]", f"model.injection.variant={variant}",
+                              f"model.injection.direction={direction}", "model.temporal.stages=[]"))
+    randomize_bn_stats(model)
+    model.eval()
+    rgb, flow = clips(frames=1)
+    with torch.no_grad():
+        out = model(rgb, flow)
+        a, m = reference_features(model, rgb, flow, {3, 5}, variant, direction == "bidirectional")
+        assert_rel_close(out["appearance"], model.appearance.head(a, 1))
+        assert_rel_close(out["motion"], model.motion.head(m, 1))
+        # The variants differ from each other and from no connection at all.
+        others = [reference_features(model, rgb, flow, {3, 5}, v, direction == "bidirectional")[0]
+                  for v in ("code", "paper", "direct") if v != variant]
+        plain = reference_features(model, rgb, flow, set(), variant, False)[0]
+        for other in others + [plain]:
+            assert (other - a).abs().max() > 1e-3
+
+
+def test_variant_names_are_the_configs_choices():
+    import typing
+
+    from stresnet.cross_stream import VARIANTS, InjectionConfig
+
+    hint = typing.get_type_hints(InjectionConfig)["variant"]
+    assert set(typing.get_args(hint)) == set(VARIANTS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +451,8 @@ def test_each_switch_adds_exactly_its_parameters():
     n_plain = count(plain)
 
     # Cross-stream connections are additions: no parameters, whatever the variant.
-    for variant in ("model.injection.kind=direct", "model.injection.direction=bidirectional"):
+    for variant in ("model.injection.variant=paper", "model.injection.variant=direct",
+                    "model.injection.direction=bidirectional"):
         assert count(build_model(small("model.temporal.stages=[]", variant))) == n_plain
 
     def temporal_extra(stages, units, convs, kernel):
@@ -595,8 +621,8 @@ def test_paper_configs_chain(dataset, classes):
     assert cfg["stresnet_stage1"].model.init.kind == "base_streams"
     assert cfg["stresnet_stage2"].model.init.kind == "checkpoint"
     s1, s2 = cfg["stresnet_stage1"], cfg["stresnet_stage2"]
-    assert (s1.sampling.frames, s1.sampling.stride_min, s1.sampling.stride_max) == (5, 5, 15)
-    assert (s2.sampling.frames, s2.sampling.stride_min, s2.sampling.stride_max) == (11, 1, 15)
+    assert (s1.sampling.train_positions, s1.sampling.stride_min, s1.sampling.stride_max) == (5, 5, 15)
+    assert (s2.sampling.train_positions, s2.sampling.stride_min, s2.sampling.stride_max) == (11, 1, 15)
     assert (s2.model.temporal_pool.kind, s2.model.temporal_pool.window, s2.model.temporal_pool.stride) == ("max", 5, 2)
     # Stage 1 reads the base runs' checkpoints; stage 2 reads stage 1's.
     for base in ("appearance_base", "motion_base"):

@@ -108,7 +108,7 @@ def test_crop_of_a_frame_smaller_than_the_input_is_clipped():
 
 
 def test_plan_is_deterministic_per_seed_epoch_and_video():
-    cfg = SamplingConfig(input_size=112, frames=5)
+    cfg = SamplingConfig(input_size=112, train_positions=5)
     a = train_plan(cfg, 10, 3, 1, "v_Run_g01_c01", 150, 128, 170)
     assert a == train_plan(cfg, 10, 3, 1, "v_Run_g01_c01", 150, 128, 170)
     others = [train_plan(cfg, 10, 3, e, "v_Run_g01_c01", 150, 128, 170) for e in range(2, 6)]

@@ -36,11 +36,11 @@ def videos(tmp_path_factory) -> Path:
 def small_overrides(root: Path, out: Path, *extra: str) -> list[str]:
     return [
         "dataset.kind=synthetic", f"dataset.root={root}",
-        "dataset.synthetic.videos_per_class=2", "dataset.synthetic.frames=6",
+        "dataset.synthetic.videos_per_class=2", "dataset.synthetic.video_frames=6",
         "dataset.synthetic.height=32", "dataset.synthetic.width=40",
         "dataset.synthetic.test_fraction=0.5", "dataset.synthetic.families=[appearance, motion]",
         f"shards.output={out}", "shards.samples_per_shard=3", "shards.short_side=0",
-        "shards.flow=farneback", "shards.workers=1", *extra,
+        "shards.flow=farneback", "shards.processes=1", *extra,
     ]
 
 
@@ -146,7 +146,7 @@ def test_corrupt_truncated_and_empty_videos_are_skipped_and_reported(videos, tmp
     listing.write_text("\n".join(rows) + "\n")
     out = tmp_path / "shards"
     overrides = ["dataset.kind=csv", f"dataset.csv={listing}", f"shards.output={out}",
-                 "shards.short_side=0", "shards.flow=farneback", "shards.workers=1"]
+                 "shards.short_side=0", "shards.flow=farneback", "shards.processes=1"]
 
     with pytest.raises(ShardFailures) as err:
         make_shards(load_config(None, overrides))
@@ -192,7 +192,7 @@ def test_killed_run_resumes_to_the_same_samples(videos, tmp_path):
 
 def test_three_partitions_then_finalize_equal_one_process(videos, tmp_path, capsys):
     single = tmp_path / "single"
-    make_shards(load_config(None, small_overrides(videos, single, "shards.workers=2")))
+    make_shards(load_config(None, small_overrides(videos, single, "shards.processes=2")))
 
     out = tmp_path / "parts"
     cfg_file = config_file(tmp_path, small_overrides(videos, out, "shards.num_partitions=3"))
@@ -236,7 +236,7 @@ def test_hmdb51_layout_end_to_end(videos, tmp_path):
     out = tmp_path / "shards"
     manifest = make_shards(load_config(None, [
         "dataset.kind=hmdb51", f"dataset.root={root}", f"dataset.splits_dir={splits}",
-        f"shards.output={out}", "shards.short_side=0", "shards.flow=farneback", "shards.workers=1"]))
+        f"shards.output={out}", "shards.short_side=0", "shards.flow=farneback", "shards.processes=1"]))
     assert manifest["classes"] == ["brush_hair", "cartwheel"]
     assert {s: v["samples"] for s, v in manifest["splits"].items()} == {"train": 2, "test": 2}
     assert manifest["unused"] == 2

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sources import DatasetError, csv_source, load_source
+from pipelines.sources import DatasetError, bundled_splits, csv_source, load_source
 from stresnet.config import DatasetConfig
 
 
-def fake_ucf101(root: Path, splits: Path) -> None:
+def fake_ucf101(root: Path, splits) -> None:
     """Empty files at every path the UCF101 split lists name (split 1 train+test = all 13,320)."""
     for line in (splits / "classInd.txt").read_text().splitlines():
         (root / line.split()[1]).mkdir(parents=True, exist_ok=True)
@@ -21,8 +21,8 @@ def fake_ucf101(root: Path, splits: Path) -> None:
             (root / line.split()[0]).touch()
 
 
-def fake_hmdb51(root: Path, splits: Path) -> None:
-    for file in splits.glob("*_test_split1.txt"):
+def fake_hmdb51(root: Path, splits) -> None:
+    for file in (f for f in splits.iterdir() if f.name.endswith("_test_split1.txt")):
         folder = root / file.name[: -len("_test_split1.txt")]
         folder.mkdir(parents=True, exist_ok=True)
         for line in file.read_text().splitlines():
@@ -31,23 +31,23 @@ def fake_hmdb51(root: Path, splits: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ucf_tree(tmp_path_factory, shared_datasets) -> tuple[Path, Path]:
+def ucf_tree(tmp_path_factory) -> Path:
+    """Empty video files where the bundled official UCF101 split files expect them."""
     root = tmp_path_factory.mktemp("ucf101")
-    fake_ucf101(root, shared_datasets / "ucf101_splits")
-    return root, shared_datasets / "ucf101_splits"
+    fake_ucf101(root, bundled_splits("ucf101"))
+    return root
 
 
 @pytest.fixture(scope="module")
-def hmdb_tree(tmp_path_factory, shared_datasets) -> tuple[Path, Path]:
+def hmdb_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hmdb51")
-    fake_hmdb51(root, shared_datasets / "hmdb51_splits")
-    return root, shared_datasets / "hmdb51_splits"
+    fake_hmdb51(root, bundled_splits("hmdb51"))
+    return root
 
 
 @pytest.mark.parametrize("split,train,test", [(1, 9537, 3783), (2, 9586, 3734), (3, 9624, 3696)])
 def test_ucf101_split_counts(ucf_tree, split, train, test):
-    root, splits = ucf_tree
-    index = load_source(DatasetConfig(kind="ucf101", root=str(root), splits_dir=str(splits), split=split))
+    index = load_source(DatasetConfig(kind="ucf101", root=str(ucf_tree), split=split))
     assert index.counts() == {"train": train, "test": test}
     assert len(index.classes) == 101
     assert index.classes[0] == "ApplyEyeMakeup" and index.classes[100] == "YoYo"
@@ -61,8 +61,7 @@ def test_ucf101_split_counts(ucf_tree, split, train, test):
 
 
 def test_hmdb51_split1_counts(hmdb_tree):
-    root, splits = hmdb_tree
-    index = load_source(DatasetConfig(kind="hmdb51", root=str(root), splits_dir=str(splits), split=1))
+    index = load_source(DatasetConfig(kind="hmdb51", root=str(hmdb_tree), split=1))
     assert index.counts() == {"train": 3570, "test": 1530}
     assert index.unused == 1666
     assert len(index.classes) == 51 and index.classes == sorted(index.classes)
@@ -70,8 +69,8 @@ def test_hmdb51_split1_counts(hmdb_tree):
     assert len(set(ids)) == len(ids) and not any("." in i for i in ids)
 
 
-def test_ucf101_missing_files_and_unknown_folders_are_all_listed(tmp_path, shared_datasets):
-    splits = shared_datasets / "ucf101_splits"
+def test_ucf101_missing_files_and_unknown_folders_are_all_listed(tmp_path):
+    splits = bundled_splits("ucf101")
     fake_ucf101(tmp_path, splits)
     gone = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "YoYo/v_YoYo_g01_c01.avi"]
     for rel in gone:
@@ -79,7 +78,7 @@ def test_ucf101_missing_files_and_unknown_folders_are_all_listed(tmp_path, share
     (tmp_path / "NotAClass").mkdir()
     (tmp_path / "AlsoNotAClass").mkdir()
     with pytest.raises(DatasetError) as err:
-        load_source(DatasetConfig(kind="ucf101", root=str(tmp_path), splits_dir=str(splits)))
+        load_source(DatasetConfig(kind="ucf101", root=str(tmp_path)))
     message = str(err.value)
     assert "4 problem(s)" in message
     for rel in gone:
@@ -88,8 +87,8 @@ def test_ucf101_missing_files_and_unknown_folders_are_all_listed(tmp_path, share
     assert "NotAClass" in message and "AlsoNotAClass" in message
 
 
-def test_hmdb51_unused_entries_need_no_file(tmp_path, shared_datasets):
-    splits = shared_datasets / "hmdb51_splits"
+def test_hmdb51_unused_entries_need_no_file(tmp_path):
+    splits = bundled_splits("hmdb51")
     fake_hmdb51(tmp_path, splits)
     unused = next(
         line.split()[0]
@@ -97,8 +96,24 @@ def test_hmdb51_unused_entries_need_no_file(tmp_path, shared_datasets):
         if line.split()[1] == "0"
     )
     (tmp_path / "brush_hair" / unused).unlink()  # not in split 1: fine
-    index = load_source(DatasetConfig(kind="hmdb51", root=str(tmp_path), splits_dir=str(splits)))
+    index = load_source(DatasetConfig(kind="hmdb51", root=str(tmp_path)))
     assert index.unused == 1666
+
+
+def test_a_user_splits_dir_wins_over_the_bundled_files(tmp_path):
+    """A folder of one's own (here: the bundled UCF101 files cut to two classes) is what is read."""
+    splits, root = tmp_path / "splits", tmp_path / "videos"
+    splits.mkdir()
+    bundled = bundled_splits("ucf101")
+    keep = ("ApplyEyeMakeup", "ApplyLipstick")
+    (splits / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 ApplyLipstick\n")
+    for name in ("trainlist01.txt", "testlist01.txt"):
+        lines = [l for l in (bundled / name).read_text().splitlines() if l.startswith(keep)]
+        (splits / name).write_text("\n".join(lines) + "\n")
+    fake_ucf101(root, splits)
+    index = load_source(DatasetConfig(kind="ucf101", root=str(root), splits_dir=str(splits)))
+    assert index.classes == list(keep)
+    assert index.counts() == {"train": 183, "test": 76}  # counted in the official lists
 
 
 def test_csv_source(tmp_path):

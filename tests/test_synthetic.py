@@ -15,7 +15,7 @@ from stresnet.config import DatasetConfig, SyntheticConfig, load_config
 
 
 def small(root: Path, **overrides) -> DatasetConfig:
-    syn = SyntheticConfig(videos_per_class=2, frames=6, height=32, width=40, test_fraction=0.5)
+    syn = SyntheticConfig(videos_per_class=2, video_frames=6, height=32, width=40, test_fraction=0.5)
     for key, value in overrides.items():
         setattr(syn, key, value)
     return DatasetConfig(kind="synthetic", root=str(root), synthetic=syn)

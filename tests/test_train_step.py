@@ -70,7 +70,7 @@ def test_learning_rate_steps_divide_by_decay_at_each_boundary():
 def test_accumulation_steps_reach_global_batch_exactly():
     assert accumulation_steps(128, 8, 2) == 8
     assert accumulation_steps(16, 16, 1) == 1
-    with pytest.raises(ConfigError, match=r"train.batch_size: got 100.*8 x 2 = 16"):
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: got 100.*8 x 2 = 16"):
         accumulation_steps(100, 8, 2)
 
 

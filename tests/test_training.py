@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.train import PreflightError, load_train_state, main, run_training
+from cluster.preflight import PreflightError
+from cluster.train import main, run_training
+from stresnet.checkpoint import load_train_state
 from stresnet.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,8 +67,8 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     import mlflow
     from mlflow import MlflowClient
 
-    from cluster.evaluate import load_checkpoint_model
-    from cluster.tracking import ServingModel
+    from stresnet.model import load_model
+    from stresnet.serving import ServingModel
 
     root = workspace[0]
     assert straight.steps == 24  # 24 epochs x 1 step
@@ -80,7 +82,7 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "stresnet-synthetic"
     assert run.data.params["model.width"] == "0.125"
-    assert run.data.params["train.batch_size"] == "22"
+    assert run.data.params["train.global_batch_size"] == "22"
     assert "git_commit" in run.data.tags
     for key in ("loss", "accuracy", "lr", "clips_per_second", "data_wait_fraction",
                 "val_fused_top1", "val_appearance_top5", "val_motion_top1"):
@@ -105,7 +107,7 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     mlflow.set_tracking_uri(uri)
     served = mlflow.pytorch.load_model("models:/stresnet-synthetic@current")
     assert isinstance(served, ServingModel)
-    network, _ = load_checkpoint_model(straight.checkpoint)
+    network = load_model(straight.checkpoint)
     network.eval()
     clips = torch.randn(3, 2, 3 + 4, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -154,7 +156,8 @@ def test_existing_experiment_in_a_ray_session_folder_is_kept_with_a_warning(tmp_
 def test_a_stage_starts_from_a_registered_model(workspace, straight, tmp_path):
     from mlflow import MlflowClient
 
-    from cluster.train import absolute_paths, fetch_registered_init, preflight
+    from cluster.preflight import fetch_registered_init, preflight
+    from stresnet.config import absolute_paths
     from stresnet.model import build_model
 
     cfg = absolute_paths(tiny(workspace, "model.init.kind=checkpoint",
@@ -203,7 +206,7 @@ def test_existing_run_name_is_not_reused_without_resume(workspace, straight):
 
 # Two steps per epoch (6 clips x 2 workers per step), 3 epochs: checkpoints after steps 2, 3
 # (train.checkpoint_every, in the middle of epoch 2), 4 and 6 (epoch ends).
-MID_EPOCH = ["data.batch_size=6", "train.batch_size=12", "train.epochs=3", "train.checkpoint_every=3",
+MID_EPOCH = ["data.batch_size_per_worker=6", "train.global_batch_size=12", "train.epochs=3", "train.checkpoint_every=3",
              "train.validate_every=3", "train.lr_steps=[4]"]
 
 

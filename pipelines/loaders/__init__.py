@@ -26,8 +26,8 @@ def build_loader(
     per epoch, equal on every rank) and ``set_epoch(epoch)``.
 
     ``backend``: ``"dali"`` or ``"cpu"`` (default ``cfg.data.backend``). ``train``: training clips
-    (random positions/crops, ``cfg.data.batch_size``) or evaluation views (``test_positions``
-    uniform positions per (video, view), ``cfg.eval.batch_size``); default: evaluation for
+    (random positions/crops, ``cfg.data.batch_size_per_worker``) or evaluation views (``test_positions``
+    uniform positions per (video, view), ``cfg.eval.batch_size_per_worker``); default: evaluation for
     ``cfg.data.val_split``, training otherwise. ``whole_video`` (evaluation only): every frame
     position of the video instead of ``test_positions``, one clip per batch (fully convolutional
     testing, spec section 5).
@@ -42,10 +42,10 @@ def build_loader(
     index = ShardIndex(cfg.data.shards, split)
     source = ClipSource(cfg, index, whole_video)
     if train:
-        batch_size, frames = cfg.data.batch_size, cfg.sampling.frames
+        batch_size, frames = cfg.data.batch_size_per_worker, cfg.sampling.train_positions
         schedule = Schedule(len(index), batch_size, rank, world_size, cfg.seed)
     else:
-        batch_size = 1 if whole_video else cfg.eval.batch_size
+        batch_size = 1 if whole_video else cfg.eval.batch_size_per_worker
         frames = cfg.sampling.test_positions
         schedule = Schedule(len(index), batch_size, rank, world_size, cfg.seed, source.num_views())
     size, workers = cfg.sampling.input_size, cfg.data.loader_workers

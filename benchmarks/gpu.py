@@ -40,7 +40,6 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from benchmarks.loaders import measure, repeat_split, write_dataset
@@ -112,7 +111,8 @@ def check_parity(report: Report, shards: Path, args: argparse.Namespace) -> None
             on_device &= b["rgb"].device.type == ("cuda" if args.device == "cuda" else "cpu")
             rgb = (a["rgb"] - b["rgb"].float().cpu()).abs() * 255 * max(IMAGENET_STD)
             flow = (a["flow"] - b["flow"].float().cpu()).abs() * FLOW_SCALE
-            worst_rgb, worst_flow = max(worst_rgb, float(rgb.max())), max(worst_flow, float(flow.max()))
+            worst_rgb = max(worst_rgb, float(rgb.max()))
+            worst_flow = max(worst_flow, float(flow.max()))
             clips += len(b["video_id"])
     # packed rows vs one array per JPEG: the same decoder input, so identical pixels
     per_sample = build_loader(cfg, "train", 0, 1, backend="dali")
@@ -200,7 +200,8 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
         rate = runs * len(jpegs) / (time.perf_counter() - start)
         need = TARGET_CLIPS * JPEGS_PER_CLIP
         report.add("decode", f"hw_decoder_load {load}: JPEG/s ({args.decode_threads} CPU threads)",
-                   f"{rate:,.0f} ({rate / need:.2f}x the {need:,} that {TARGET_CLIPS} clips/s need)")
+                   f"{rate:,.0f} ({rate / need:.2f}x the {need:,} that {TARGET_CLIPS} clips/s "
+                   f"need)")
         del pipe
 
 
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     table = markdown_table(["section", "figure", "value"], report.rows)
     setup = (
-        f"`python -m benchmarks.gpu{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}`"
+        f"`{' '.join(['python -m benchmarks.gpu', *(sys.argv[1:] if argv is None else argv)])}`"
         f" on {machine()}: {args.videos} synthetic videos x {args.frames} frames of "
         f"{args.width}x{args.height}, crops resized to {args.size}, T=5, L=10 (105 JPEGs per "
         f"clip); loader rows read the training split {args.repeat} times per epoch, "

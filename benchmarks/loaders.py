@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{os.getloadavg()[0]:.1f}."
         )
         stub, cpu_row = runs[STUB_ROW], "shards, CPU loader"
-        dali_ms, cpu_ms = float(np.median(cost["shards, DALI (cpu)"])), float(np.median(cost[cpu_row]))
+        dali_ms = float(np.median(cost["shards, DALI (cpu)"]))
+        cpu_ms = float(np.median(cost[cpu_row]))
         targets = markdown_table(["target (issue 15)", "measured", "met"], [
             ["Python side, decoding stubbed: >= 2,000 clips/s", f"{med('rate', stub):.0f}",
              "yes" if med("rate", stub) >= 2000 else "no"],

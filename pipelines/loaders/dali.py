@@ -34,7 +34,6 @@ with ``StopIteration`` at once) and drained; the evaluation loader's epochs are 
 
 from __future__ import annotations
 
-import logging
 import mmap
 import os
 import tempfile
@@ -48,8 +47,6 @@ from pipelines.loaders.clips import ClipSource, EncodedClip, batch_dict
 from pipelines.loaders.schedule import ClipRequest
 from pipelines.loaders.shard_reader import SampleError
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, normalize_clip
-
-log = logging.getLogger(__name__)
 
 # Every JPEG's int32 argument row (``_BatchReader.outputs``): its crop anchor (x, y) and shape
 # (w, h), mirror flag, modality, byte length, then -- in the first rows only, one per clip --

@@ -33,6 +33,7 @@ from stresnet.checkpoint import MODEL_FILE, load_file, load_train_state, save_ch
 from stresnet.config import InitConfig, RunConfig, from_dict, to_dict
 from stresnet.evaluate import collect_scores, gather_scores, save_report, summary_metrics, video_report
 from stresnet.train_step import (
+    StepTotals,
     accumulation_steps,
     build_optimizer,
     forward_backward,
@@ -117,31 +118,31 @@ def train_one_step(
     """
     started = time.perf_counter()
     set_learning_rate(optimizer, lr)
-    # loss sum, correct, clips, stop requested
-    waited, totals = 0.0, torch.zeros(4, dtype=torch.float64)
+    # loss sum, correct, clips on the device (no host sync per micro-batch); the free slot
+    # carries "stop requested"
+    waited, totals = 0.0, StepTotals(worker.device)
     for micro in range(accumulation):
         before = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - before
-        stats = forward_backward(model, batch, accumulation, worker.device,
-                                 sync_gradients=micro == accumulation - 1, bf16=worker.bf16,
-                                 loss=worker.loss)
-        totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips, 0],
-                               dtype=torch.float64)
-    totals[3] = float(stop_requested)
+        totals.add(forward_backward(model, batch, accumulation, worker.device,
+                                    sync_gradients=micro == accumulation - 1, bf16=worker.bf16,
+                                    loss=worker.loss))
+    totals.tensor[3] = float(stop_requested)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if worker.world > 1:
-        torch.distributed.all_reduce(totals)  # gloo/nccl: sums over workers
+        torch.distributed.all_reduce(totals.tensor)  # gloo/nccl: sums over workers
+    step = totals.read()  # the step's one host/device synchronisation
     elapsed = time.perf_counter() - started
     metrics = {
-        "loss": float(totals[0] / totals[2]),
-        "accuracy": float(totals[1] / totals[2]),
+        "loss": step["loss"],
+        "accuracy": step["accuracy"],
         "lr": lr,
-        "clips_per_second": float(totals[2]) / elapsed,
+        "clips_per_second": step["clips"] / elapsed,
         "data_wait_fraction": waited / elapsed,
     }
-    return metrics, bool(totals[3] > 0)
+    return metrics, step["flag"] > 0
 
 
 def save(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,

@@ -276,6 +276,8 @@ class DataConfig:
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: decode on the GPU if there is one
     batch_size_per_worker: int = num(8, min=1)  # clips per worker per micro-batch
     loader_workers: int = num(2, min=0)  # loader processes per worker; 0: in the worker itself
+    decode_threads: int = num(0, min=0)  # DALI CPU threads; 0: the process's cores, at most 8
+    hw_decoder_load: float = num(0.65, min=0.0, max=1.0)  # share of JPEGs for nvJPEG's HW engine
     train_split: str = "train"
     val_split: str = "test"
 

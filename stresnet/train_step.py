@@ -6,13 +6,20 @@ average them (DDP) and SGD takes one step. The learning rate is a pure function 
 step (:func:`learning_rate`), so a resumed run needs nothing but the step count to continue the
 schedule.
 
-Typical use (see ``cluster/train.py``)::
+Typical use (see ``cluster/worker.py``)::
 
     optimizer = build_optimizer(model, cfg.train)
     for step, micro_batches in ...:
         set_learning_rate(optimizer, learning_rate(cfg.train, step, steps_per_epoch))
-        stats = [forward_backward(model, b, accumulation, device, autocast) for b in micro_batches]
+        totals = StepTotals(device)
+        for b in micro_batches:
+            totals.add(forward_backward(model, b, accumulation, device, bf16=bf16, loss=cfg.train.loss))
         optimizer.step(); optimizer.zero_grad(set_to_none=True)
+        metrics = totals.read()  # the step's only host/device synchronisation
+
+Nothing before ``StepTotals.read`` waits for the GPU: losses and accuracies stay on the device, so
+the host keeps queueing micro-batches while the GPU works (a ``float(loss)`` per micro-batch
+would drain the queue every time and leave the GPU idle while the next batch is handed over).
 """
 
 from __future__ import annotations
@@ -141,10 +148,10 @@ def stream_losses(
 
 @dataclass
 class MicroBatchStats:
-    """What one micro-batch contributed: its loss (not divided by accumulation) and accuracy."""
+    """What one micro-batch contributed, as tensors on the device (reading them synchronises)."""
 
-    loss: float
-    correct: int
+    loss: torch.Tensor  # 0-dim float32: the summed stream loss, not divided by accumulation
+    correct: torch.Tensor  # 0-dim int64: clips whose fused prediction is right
     clips: int
 
 
@@ -157,7 +164,7 @@ def forward_backward(
     bf16: bool = False,
     loss: str = "per_step",
 ) -> MicroBatchStats:
-    """Forward one micro-batch, back-propagate ``loss / accumulation``.
+    """Forward one micro-batch, back-propagate ``loss / accumulation``; no host synchronisation.
 
     Dividing by ``accumulation`` makes the summed gradient of all micro-batches the gradient of
     the mean loss over the whole step, i.e. what one large batch would give. With DDP,
@@ -175,8 +182,33 @@ def forward_backward(
             outputs = model(rgb, flow, per_step=loss == "per_step")
         total = stream_losses(outputs, labels, loss)["total"]
         (total / accumulation).backward()
-    correct = int((outputs["fused"].argmax(dim=1) == labels).sum())
-    return MicroBatchStats(loss=float(total.detach()), correct=correct, clips=len(labels))
+    correct = (outputs["fused"].detach().argmax(dim=1) == labels).sum()
+    return MicroBatchStats(loss=total.detach(), correct=correct, clips=len(labels))
+
+
+class StepTotals:
+    """Loss sum, correct predictions and clips of one optimizer step, summed on the device.
+
+    ``tensor`` is what to all-reduce across workers (float64: exact counts); ``read`` returns the
+    step's mean loss and accuracy, its clips (of all workers, after an all-reduce) and the free
+    slot, with one synchronisation, at log time.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        # loss * clips, correct, clips, and a free slot (e.g. a flag every rank must see)
+        self.tensor = torch.zeros(4, dtype=torch.float64, device=device)
+        self.clips = 0
+
+    def add(self, stats: MicroBatchStats) -> None:
+        self.tensor[0] += stats.loss.double() * stats.clips
+        self.tensor[1] += stats.correct
+        self.tensor[2] += stats.clips
+        self.clips += stats.clips
+
+    def read(self) -> dict[str, float]:
+        loss_sum, correct, clips, flag = self.tensor.tolist()
+        return {"loss": loss_sum / clips, "accuracy": correct / clips, "clips": clips,
+                "flag": flag}
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

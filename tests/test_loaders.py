@@ -314,6 +314,101 @@ def test_bad_arguments_give_clear_errors(shards, tmp_path):
             build_loader(config(shards, **{"data.dali_device": "gpu"}), "train", 0, 1, "dali")
 
 
+def assert_same_clips(a: dict, b: dict) -> None:
+    """CPU-loader batch ``a`` and DALI batch ``b``: same clips, pixels within decoder rounding."""
+    assert a["video_id"] == b["video_id"] and torch.equal(a["label"], b["label"])
+    assert a["skipped"] == b["skipped"]
+    if "view" in a:
+        assert torch.equal(a["view"], b["view"])
+    assert a["rgb"].shape == b["rgb"].shape and a["flow"].shape == b["flow"].shape
+    if a["rgb"].numel():
+        assert torch.equal(frame_numbers(a["rgb"]), frame_numbers(b["rgb"]))
+        rgb_bytes = (a["rgb"] - b["rgb"].float()).abs() * 255 * max(IMAGENET_STD)
+        flow_bytes = (a["flow"] - b["flow"].float()).abs() * FLOW_SCALE
+        assert rgb_bytes.max() <= 3 and rgb_bytes.mean() < 0.5
+        assert flow_bytes.max() <= 3 and flow_bytes.mean() < 0.5
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dali_matches_cpu_across_epochs_on_two_ranks_without_rebuilding(shards, workers):
+    # Rank by rank: an epoch left after one batch (train.steps_per_epoch < len(loader)), the next
+    # epoch, a jump to a later one (a resumed run), and three validations; one build per
+    # modality for the whole life of each loader.
+    cfg = config(shards, **{"data.loader_workers": workers})
+    for rank in range(2):
+        cpu = build_loader(cfg, "train", rank, 2, backend="cpu")
+        dali = build_loader(cfg, "train", rank, 2, backend="dali")
+        dali.set_epoch(0)
+        first = next(iter(dali))
+        assert_same_clips(epoch_batches(cpu, 0)[0], first)
+        for epoch in (1, 2, 5, 3):
+            pairs = zip(epoch_batches(cpu, epoch), epoch_batches(dali, epoch), strict=True)
+            for a, b in pairs:
+                assert_same_clips(a, b)
+        assert dali.builds == 1
+        cpu_eval = build_loader(cfg, "test", rank, 2, backend="cpu")
+        dali_eval = build_loader(cfg, "test", rank, 2, backend="dali")
+        expected = list(cpu_eval)
+        for epoch in range(3):
+            dali_eval.set_epoch(epoch)
+            for a, b in zip(expected, dali_eval, strict=True):
+                assert_same_clips(a, b)
+        assert dali_eval.builds == 1
+
+
+def test_packed_and_per_sample_hand_over_decode_identical_pixels(shards):
+    cfg = config(shards)
+    for split in ("train", "test"):
+        packed = build_loader(cfg, split, 0, 1, backend="dali")
+        per_sample = build_loader(cfg, split, 0, 1, backend="dali")
+        per_sample.packed = False
+        for a, b in zip(epoch_batches(packed, 1), epoch_batches(per_sample, 1), strict=True):
+            assert a["video_id"] == b["video_id"]
+            assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["flow"], b["flow"])
+
+
+def test_vectorised_jpeg_check_never_accepts_what_check_jpeg_rejects():
+    import numpy as np
+    from loader_shards import jpeg
+
+    from pipelines.loaders.dali import check_packed
+    from pipelines.loaders.shard_reader import SampleError, check_jpeg
+
+    good = jpeg(np.full((HEIGHT, WIDTH), 90, np.uint8))
+    app = b"\xff\xe1\x00\x0e" + b"\xff\xc0" * 6  # an APP1 segment that contains SOF-like bytes
+    cases = {
+        "good": good,
+        "colour": jpeg(np.zeros((HEIGHT, WIDTH, 3), np.uint8)),
+        "fill bytes": good[:2] + b"\xff\xff" + good[2:],
+        "app segment": good[:2] + app + good[2:],
+        "other size": jpeg(np.zeros((HEIGHT + 8, WIDTH), np.uint8)),
+        "no end marker": good[:-2],
+        "truncated": good[: len(good) // 2],
+        "no start marker": good[2:],
+        "tiny": b"\xff\xd8\xff",
+        "empty": b"",
+        "garbage": bytes(range(256)) * 4,
+        "broken segment": good[:2] + b"\x00" + good[3:],
+        "end marker early": good[:20] + b"\xff\xd9",
+    }
+    accepted = {}
+    for name, blob in cases.items():
+        try:
+            check_jpeg(blob, HEIGHT, WIDTH, name)
+            accepted[name] = True
+        except SampleError:
+            accepted[name] = False
+    longest = max(len(b) for b in cases.values())
+    packed = np.zeros((len(cases), longest + 1024), np.uint8)
+    for row, blob in zip(packed, cases.values()):
+        row[: len(blob)] = np.frombuffer(blob, np.uint8)
+    lengths = np.array([len(b) for b in cases.values()])
+    sizes = np.full(len(cases), HEIGHT), np.full(len(cases), WIDTH)
+    fast = dict(zip(cases, check_packed(packed, lengths, *sizes).tolist()))
+    assert fast == accepted
+    assert accepted["good"] and accepted["fill bytes"] and accepted["app segment"]
+    assert sum(accepted.values()) == 4
+
 # ------------------------------------------------------------------------------------------
 # Index files, and the header scan for shards without one
 # ------------------------------------------------------------------------------------------

@@ -207,3 +207,33 @@ def test_both_losses_give_finite_gradients_to_every_temporal_conv(loss):
             assert p.grad is not None, name
             assert torch.isfinite(p.grad).all(), name
             assert p.grad.abs().sum() > 0, name
+
+
+def test_micro_batches_do_not_read_device_values_until_the_step_is_read(monkeypatch):
+    """forward_backward and StepTotals.add never pull a value to the host (on a GPU that would
+    synchronise every micro-batch); StepTotals.read gives the exact step means."""
+    from stresnet.train_step import StepTotals, stream_losses
+
+    torch.manual_seed(0)
+    model = TinyTwoStream()
+    parts = [make_batch(4, seed=s) for s in (1, 2, 3)]
+    cpu = torch.device("cpu")
+    totals = StepTotals(cpu)
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+            def forbidden(*args, _name=name, **kwargs):
+                raise AssertionError(f"Tensor.{_name} called during a micro-batch")
+
+            m.setattr(torch.Tensor, name, forbidden)
+        for part in parts:
+            stats = forward_backward(model, part, accumulation=3, device=cpu, loss="clip_mean")
+            totals.add(stats)
+    assert isinstance(stats.loss, torch.Tensor) and stats.loss.device == cpu
+    metrics = totals.read()
+    with torch.no_grad():
+        outputs = [model(p["rgb"], p["flow"]) for p in parts]
+    losses = [float(stream_losses(o, p["label"], "clip_mean")["total"]) for o, p in zip(outputs, parts)]
+    correct = sum(int((o["fused"].argmax(1) == p["label"]).sum()) for o, p in zip(outputs, parts))
+    assert totals.clips == 12 and metrics["flag"] == 0
+    assert metrics["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert metrics["accuracy"] == correct / 12

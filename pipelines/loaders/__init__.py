@@ -67,4 +67,8 @@ def build_loader(
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("data.dali_device is 'gpu' but this process sees no CUDA device")
     device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    return DaliClipLoader(source, schedule, batch_size, frames, workers, size, device)
+    return DaliClipLoader(
+        source, schedule, batch_size, frames, workers, size, device,
+        decode_threads=cfg.data.decode_threads, hw_decoder_load=cfg.data.hw_decoder_load,
+        half=cfg.train.bf16,  # autocast computes in bf16 anyway: hand over float16, half the bytes
+    )

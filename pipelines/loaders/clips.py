@@ -2,8 +2,8 @@
 
 The part both loaders share, so that they agree by construction: the clip plan
 (``stresnet.sampling``), which members are read, the skip-and-substitute rule for damaged
-samples, and the final normalisation. Only decoding + crop + resize + flip differ (DALI operators
-vs OpenCV); ``decode_clip`` is the CPU version.
+samples, and the yielded dict. Only decoding + crop + resize + flip + normalisation differ (DALI
+operators vs OpenCV and ``stresnet.sampling.normalize_clip``); ``decode_clip`` is the CPU version.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from pipelines.loaders.schedule import ClipRequest
 from pipelines.loaders.shard_reader import SampleError, ShardIndex, check_jpeg, clip_member_names
 from stresnet.config import RunConfig
-from stresnet.sampling import ClipPlan, normalize_clip, eval_plan, eval_views, train_plan
+from stresnet.sampling import ClipPlan, eval_plan, eval_views, train_plan
 
 log = logging.getLogger(__name__)
 
@@ -164,24 +164,21 @@ def _crop(image: np.ndarray, plan: ClipPlan) -> np.ndarray:
     return np.ascontiguousarray(crop[:, ::-1]) if plan.flip else crop
 
 
-def finish_batch(
+def batch_dict(
     source: ClipSource,
     indices: list[int],
     views: list[int] | None,
     rgb: torch.Tensor | None,
     flow: torch.Tensor | None,
-    flip: torch.Tensor,
     skipped: int,
-    flow_median: torch.Tensor | None = None,
 ) -> dict:
-    """The dict a loader yields (see docs/loaders.md), from uint8 crops of the samples
-    ``indices``; ``views`` is None for training clips, else the view of each evaluation item.
-    ``flow_median``: (B, T, 2L) whole-frame medians for ``sampling.flow_center: median``."""
-    rgb_f, flow_f = normalize_clip(rgb, flow, flip, source.sampling.flow_center, flow_median)
+    """The dict a loader yields (see docs/loaders.md), from the network input of the samples
+    ``indices`` (``rgb`` (B, T, 3, S, S), ``flow`` (B, T, 2L, S, S)); ``views`` is None for
+    training clips, else the view of each evaluation item."""
     refs = [source.index.ref(i) for i in indices]
     batch = {
-        "rgb": rgb_f,
-        "flow": flow_f,
+        "rgb": rgb,
+        "flow": flow,
         "label": torch.tensor([r.label for r in refs], dtype=torch.int64),
         "video_id": [r.video_id for r in refs],
         "skipped": skipped,

@@ -3,7 +3,8 @@
 The batch schedule (``schedule.py``) is computed in the main process and handed to the
 DataLoader as its batch sampler, so worker processes need no epoch state: each request carries
 its epoch. Workers return uint8 crops (4x less to pass between processes than float); the main
-process normalises them (``clips.finish_batch``), exactly as the DALI loader does.
+process normalises them (``stresnet.sampling.normalize_clip``), the reference for the DALI
+loader's ``crop_mirror_normalize``.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipelines.loaders.clips import ClipSource, decode_clip, finish_batch
+from pipelines.loaders.clips import ClipSource, batch_dict, decode_clip
 from pipelines.loaders.schedule import ClipRequest
 from pipelines.loaders.shard_reader import SampleError
+from stresnet.sampling import normalize_clip
 
 
 class _ClipDataset(Dataset):
@@ -85,10 +87,9 @@ class CpuClipLoader:
             rgb = self._or_empty(raw["rgb"], self.source.use_rgb, 3)
             flow = self._or_empty(raw["flow"], self.source.use_flow, 2 * self.source.flow_length)
             views = None if self.schedule.num_views == 0 else [r.view for r in raw["requests"]]
-            yield finish_batch(
-                self.source, raw["indices"], views, rgb, flow, raw["flip"], raw["skipped"],
-                raw["flow_median"],
-            )
+            rgb, flow = normalize_clip(rgb, flow, raw["flip"], self.source.sampling.flow_center,
+                                       raw["flow_median"])
+            yield batch_dict(self.source, raw["indices"], views, rgb, flow, raw["skipped"])
 
     def _or_empty(self, crops: torch.Tensor | None, used: bool, channels: int):
         """Keep an unused modality None; give an all-dropped batch its (0, T, ...) shape."""

@@ -44,6 +44,16 @@ def preflight(cfg: RunConfig) -> None:
                 f"data.{key}: the shards in {cfg.data.shards} have no {split!r} videos "
                 f"(splits: {sorted(manifest.get('splits', {}))}); fix data.{key} or re-make the shards"
             )
+    # The skip policy before any worker starts: missing shards, truncated ones (index files
+    # make this cheap; shards without one are scanned).
+    from pipelines.loaders.shard_reader import DamagedShardsError, ShardIndex
+
+    for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
+        try:
+            ShardIndex(cfg.data.shards, split, cfg.data.max_damaged_fraction)
+        except DamagedShardsError as err:
+            raise PreflightError(f"data.shards: {err}") from None
+
     classes = len(manifest["classes"])
     if classes != cfg.model.num_classes:
         raise PreflightError(

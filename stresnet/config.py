@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -272,6 +273,9 @@ class DataConfig:
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: decode on the GPU if there is one
     batch_size_per_worker: int = num(8, min=1)  # clips per worker per micro-batch
     loader_workers: int = num(2, min=0)  # loader processes per worker; 0: in the worker itself
+    # Damaged samples (truncated or missing shard, corrupt member) are skipped and counted; more
+    # than this fraction of a split stops training and evaluation (docs/reliability.md).
+    max_damaged_fraction: float = num(0.01, min=0.0, max=1.0)
     train_split: str = "train"
     val_split: str = "test"
 
@@ -328,6 +332,24 @@ class TrackingConfig:
     # Where a NEW experiment keeps its runs' artifacts (an existing one keeps its own). None:
     # sqlite stores use mlartifacts/<experiment> next to the database; servers their default.
     artifact_location: Optional[str] = path(None)
+
+    def check(self) -> None:
+        # MLflow's alias rules, checked here so that a bad alias stops the run before training,
+        # not at registration after it: letters, digits, _ and -; "latest" (any case) and
+        # version names such as v3 are reserved.
+        if not re.fullmatch(r"[\w-]{1,255}", self.alias):
+            raise ConfigError(f"alias: got {self.alias!r}, expected letters, digits, '_' or '-'")
+        if self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias):
+            raise ConfigError(
+                f"alias: {self.alias!r} is reserved by MLflow's model registry; choose another "
+                "(default: current)"
+            )
+        if self.registered_model is not None and (
+            not self.registered_model.strip() or any(c in self.registered_model for c in "/:")
+        ):
+            raise ConfigError(
+                f"registered_model: got {self.registered_model!r}, expected a name without '/' or ':'"
+            )
 
 
 @dataclass
@@ -471,6 +493,8 @@ def _convert(hint: Any, value: Any, key: str, meta: Any = None) -> Any:
         if not ok:
             raise ConfigError(f"{key}: got {_show(value)}, expected {'an integer' if hint is int else 'a number'}")
         value = hint(value)
+        if not math.isfinite(value):  # NaN passes every range check: compare nothing to it
+            raise ConfigError(f"{key}: got {value}, expected a finite number")
         lo, hi = (meta or {}).get("min"), (meta or {}).get("max")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"{'' if lo is None else lo} .. {'' if hi is None else hi}".strip()

@@ -58,6 +58,20 @@ def test_overrides_apply_to_nested_keys_and_parse_yaml_values(tmp_path):
         ("dataset.kind=csv", "dataset.csv: required when dataset.kind is 'csv'"),
         ("model.init.kind=checkpoint", "model.init.checkpoint: required when init.kind is 'checkpoint'"),
         ("model.temporal.kernel=4", "model.temporal.kernel: got 4, expected an odd number"),
+        # issue 13 item 1: MLflow refuses these only at registration, after the whole training
+        ("tracking.alias=latest", "tracking.alias: 'latest' is reserved by MLflow's model registry"),
+        ("tracking.alias=Latest", "tracking.alias: 'Latest' is reserved by MLflow's model registry"),
+        ("tracking.alias=v3", "tracking.alias: 'v3' is reserved by MLflow's model registry"),
+        ("tracking.alias=new model", "tracking.alias: got 'new model', expected letters, digits"),
+        ("tracking.registered_model=team/st", "tracking.registered_model: got 'team/st', expected a name without"),
+        # issue 13 item 6: NaN is neither below a minimum nor above a maximum
+        ("train.lr=.nan", "train.lr: got nan, expected a finite number"),
+        ("train.momentum=.nan", "train.momentum: got nan, expected a finite number"),
+        ("train.weight_decay=.inf", "train.weight_decay: got inf, expected a finite number"),
+        ("model.width=-.inf", "model.width: got -inf, expected a finite number"),
+        ("train.lr=1.0e+999", "train.lr: got inf, expected a finite number"),
+        ("sampling.crop_scale=[.nan, 1.0]", "sampling.crop_scale[0]: got nan, expected a finite number"),
+        ("train.epochs=.inf", "train.epochs: got inf (float), expected an integer"),
     ],
 )
 def test_bad_values_are_rejected_with_key_path_and_allowed_values(override, message):

@@ -223,7 +223,7 @@ def damaged(shards, tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_damaged_samples_are_skipped_with_a_counted_warning(damaged, backend, caplog):
-    cfg = config(damaged)
+    cfg = config(damaged, **{"data.max_damaged_fraction": 0.5})
     with caplog.at_level(logging.WARNING):
         loader = build_loader(cfg, "train", 0, 1, backend=backend)
         assert "damaged shard" in caplog.text
@@ -243,7 +243,8 @@ def test_evaluation_drops_a_damaged_video_and_counts_it(shards, tmp_path, backen
     shutil.copytree(shards, copy)
     for t in range(1, TEST_FRAMES[1]):  # test video v013
         replace_member(copy / "test-p000-00000.tar", f"v013.{rgb_member(t)}", b"not a jpeg")
-    cfg = config(copy, **{"eval.batch_size_per_worker": 1})  # v013's two views fill two whole batches
+    # v013's two views fill two whole batches; 1 of 5 videos damaged
+    cfg = config(copy, **{"eval.batch_size_per_worker": 1, "data.max_damaged_fraction": 0.2})
     with caplog.at_level(logging.WARNING):
         loader = build_loader(cfg, "test", 0, 1, backend=backend)
         batches = list(loader)
@@ -449,7 +450,8 @@ def test_corrupt_headers_end_the_scan_with_the_damage_named(shards, tmp_path, ca
         assert all(size == 0 for _, _, size in members)  # nothing after the damage
         # the loader goes on without the shard's samples and says why
         with caplog.at_level(logging.WARNING):
-            loader = build_loader(config(copy), "train", 0, 1, backend="cpu")
+            loader = build_loader(config(copy, **{"data.max_damaged_fraction": 0.5}), "train", 0,
+                                  1, backend="cpu")
             batches = epoch_batches(loader, 0)
     assert f"damaged shard ({damage})" in caplog.text
     assert len(batches) == len(loader) == 6

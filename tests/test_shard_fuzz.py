@@ -104,7 +104,7 @@ def test_damaged_shard_never_hangs_crashes_or_passes_changed_bytes_uncounted(ori
 
         # The clip layer on top: every evaluation view and a training clip per sample either
         # build or raise the named error.
-        cfg = config(copy, **{"sampling.test_positions": 2})
+        cfg = config(copy, **{"sampling.test_positions": 2, "data.max_damaged_fraction": 1.0})
         source = ClipSource(cfg, index)
         requests = [ClipRequest(i, view=v) for i in range(len(index)) for v in range(2)]
         for request in requests:

@@ -39,7 +39,7 @@ def build_loader(
         train = split != cfg.data.val_split
     if whole_video and train:
         raise ValueError("whole_video applies to evaluation (train=False) only")
-    index = ShardIndex(cfg.data.shards, split)
+    index = ShardIndex(cfg.data.shards, split, cfg.data.max_damaged_fraction)
     source = ClipSource(cfg, index, whole_video)
     if train:
         batch_size, frames = cfg.data.batch_size_per_worker, cfg.sampling.train_positions

@@ -41,6 +41,10 @@ class SampleError(Exception):
     """One sample cannot be used (missing member, corrupt JPEG, truncated shard)."""
 
 
+class DamagedShardsError(ValueError):
+    """More of a split is damaged than ``data.max_damaged_fraction`` allows."""
+
+
 class ShardIndexError(ValueError):
     """A shard's index file cannot be used for its tar (the tar is then scanned instead)."""
 
@@ -79,9 +83,15 @@ class SampleRef:
 
 
 class ShardIndex:
-    """The samples of one split in manifest order (shard order, then tar order)."""
+    """The samples of one split in manifest order (shard order, then tar order).
 
-    def __init__(self, folder: str | Path, split: str):
+    Samples that cannot be read (a listed shard that is missing, the part of a shard past its
+    damage, a sample without readable json or first frame) are ``None``, each shard with a
+    warning. With ``max_damaged_fraction``, more of them than that fraction of the split raises
+    ``DamagedShardsError`` (the skip policy, docs/reliability.md).
+    """
+
+    def __init__(self, folder: str | Path, split: str, max_damaged_fraction: float | None = None):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         splits = manifest.get("splits", {})
@@ -93,22 +103,35 @@ class ShardIndex:
         self.split = split
         self.classes: list[str] = list(manifest.get("classes", []))
         self.samples: list[SampleRef | None] = []
+        self.damaged_shards: list[str] = []  # shard names with unreadable samples
         with _cyclic_gc_paused():
             self._add_shards(splits[split]["shards"])
+        self.unreadable = sum(ref is None for ref in self.samples)
+        if max_damaged_fraction is not None:
+            check_damaged(self.unreadable, len(self.samples), max_damaged_fraction,
+                          f"{self.folder}: split {split!r}", "unreadable when indexed",
+                          self.damaged_shards)
 
     def _add_shards(self, shards: list[dict]) -> None:
         for shard in shards:
             path = self.folder / shard["name"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
-            found = _index_shard(path)
             expected = int(shard["samples"])
+            if not path.is_file():
+                log.warning("%s: shard listed in the manifest is missing; its %d samples are "
+                            "skipped", path, expected)
+                self.samples += [None] * expected
+                self.damaged_shards.append(shard["name"])
+                continue
+            found = _index_shard(path)
             if len(found) < expected:
                 log.warning(
                     "%s: manifest lists %d samples, the tar holds %d; the rest are skipped",
                     path, expected, len(found),
                 )
-            self.samples += found[:expected] + [None] * (expected - len(found))
+            found = found[:expected] + [None] * (expected - len(found))
+            if None in found:
+                self.damaged_shards.append(shard["name"])
+            self.samples += found
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -143,6 +166,20 @@ class ShardIndex:
                     )
                 out[name] = data
         return out
+
+
+def check_damaged(damaged: int, total: int, max_fraction: float, where: str, how: str,
+                  shards: list[str] = ()) -> None:
+    """The skip policy: ``DamagedShardsError`` when ``damaged`` of ``total`` samples is more
+    than ``max_fraction`` of them."""
+    if damaged and damaged > max_fraction * total:
+        named = f" (damaged or missing shards: {', '.join(shards[:5])}{', ...' if len(shards) > 5 else ''})" if shards else ""
+        raise DamagedShardsError(
+            f"{where}: {damaged} of {total} samples {how}{named}, more than "
+            f"data.max_damaged_fraction={max_fraction:g} allows; re-make the damaged shards with "
+            f"`stresnet shards` (delete them first), or raise data.max_damaged_fraction to train "
+            f"on the rest"
+        )
 
 
 @contextmanager

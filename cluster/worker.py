@@ -128,17 +128,17 @@ def train_one_step(
     """
     started = time.perf_counter()
     set_learning_rate(optimizer, lr)
-    # loss sum, correct, clips, stop requested
-    waited, totals = 0.0, torch.zeros(4, dtype=torch.float64)
+    # loss sum, correct, clips, damaged samples skipped, stop requested
+    waited, totals = 0.0, torch.zeros(5, dtype=torch.float64)
     for micro in range(accumulation):
         before = time.perf_counter()
         batch = next(batches)
         waited += time.perf_counter() - before
         stats = forward_backward(model, batch, accumulation, worker.device,
                                  sync_gradients=micro == accumulation - 1, bf16=worker.bf16)
-        totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips, 0],
-                               dtype=torch.float64)
-    totals[3] = float(stop_requested)
+        totals += torch.tensor([stats.loss * stats.clips, stats.correct, stats.clips,
+                                batch.get("skipped", 0), 0], dtype=torch.float64)
+    totals[4] = float(stop_requested)
     if worker.world > 1:
         torch.distributed.all_reduce(totals)  # gloo/nccl: sums over workers
     # Every rank sees the same summed loss: all skip a non-finite step alike, and the weights
@@ -153,8 +153,9 @@ def train_one_step(
         "lr": lr,
         "clips_per_second": float(totals[2]) / elapsed,
         "data_wait_fraction": waited / elapsed,
+        "skipped_samples": float(totals[3]),  # damaged samples replaced in this step's batches
     }
-    return metrics, bool(totals[3] > 0)
+    return metrics, bool(totals[4] > 0)
 
 
 def save(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
@@ -243,7 +244,7 @@ def train_loop(loop_config: dict) -> None:
     if start_step >= steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
 
-    session_start, session_steps = time.perf_counter(), 0
+    session_start, session_steps, skipped = time.perf_counter(), 0, 0
     model.train()
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -268,6 +269,7 @@ def train_loop(loop_config: dict) -> None:
                     return
                 state.global_step = step + 1
                 session_steps += 1
+                skipped += int(metrics["skipped_samples"])
                 if stop and state.global_step < total_steps:
                     total_steps = state.global_step  # checkpoint below, then leave both loops
                     metrics["stopped_on_request"] = 1.0
@@ -281,6 +283,7 @@ def train_loop(loop_config: dict) -> None:
                         f"{total_steps}) loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
                         f"lr {metrics['lr']:.2g} {metrics['clips_per_second']:.1f} clips/s "
                         f"data-wait {metrics['data_wait_fraction']:.0%} ETA {eta:.0f}s"
+                        + (f" skipped {skipped} damaged samples" if skipped else "")
                     )
                 inject_failure(cfg, worker, state.global_step, run_dir)
                 epoch_done = step_in_epoch + 1 == steps_per_epoch

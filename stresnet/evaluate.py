@@ -28,6 +28,7 @@ class VideoScores:
 
     def __init__(self) -> None:
         self.videos: dict[str, dict] = {}
+        self.skipped = 0  # views the loader dropped (damaged samples)
 
     def add(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, video_ids: list[str]) -> None:
         """Add one batch of model outputs (stream logits and fused scores) for ``video_ids``."""
@@ -47,6 +48,7 @@ class VideoScores:
                 entry["scores"][name] = probs[i].astype(np.float64) if total is None else total + probs[i]
 
     def merge(self, other: "VideoScores") -> None:
+        self.skipped += other.skipped
         for video_id, theirs in other.videos.items():
             mine = self.videos.get(video_id)
             if mine is None:
@@ -62,11 +64,11 @@ def gather_scores(scores: VideoScores) -> VideoScores:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return scores
     parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, scores.videos)
+    torch.distributed.all_gather_object(parts, (scores.videos, scores.skipped))
     merged = VideoScores()
-    for videos in parts:
+    for videos, skipped in parts:
         part = VideoScores()
-        part.videos = videos
+        part.videos, part.skipped = videos, skipped
         merged.merge(part)
     return merged
 
@@ -86,6 +88,7 @@ def collect_scores(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = model(rgb, flow)
             scores.add(outputs, batch["label"], list(batch["video_id"]))
+            scores.skipped += int(batch.get("skipped", 0))
     finally:
         model.train(was_training)
     return scores
@@ -107,6 +110,7 @@ def video_report(scores: VideoScores, class_names: list[str]) -> dict:
     k = min(5, num_classes)  # top-5 with fewer than 5 classes counts every class
     report: dict = {
         "videos": len(video_ids),
+        "skipped_views": scores.skipped,  # of damaged samples, not scored (docs/reliability.md)
         "views_per_video": {"min": int(views.min()), "max": int(views.max())},
         "classes": list(class_names),
         "streams": {},
@@ -134,7 +138,7 @@ def video_report(scores: VideoScores, class_names: list[str]) -> dict:
 
 def summary_metrics(report: dict, prefix: str = "") -> dict[str, float]:
     """Flat ``{"<prefix>fused_top1": ...}`` numbers of a report, for metric logging."""
-    metrics = {}
+    metrics = {f"{prefix}skipped_views": float(report.get("skipped_views", 0))}
     for stream, values in report["streams"].items():
         for key, value in values.items():
             if key.startswith("top"):

@@ -171,3 +171,50 @@ def test_preflight_and_evaluate_apply_the_same_limit(twelve, tmp_path, capsys):
                  "data.max_damaged_fraction=0.5"]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["videos"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Item 4: corrupt JPEG data is skipped and counted: training metrics, the log, report.json
+# --------------------------------------------------------------------------------------------
+
+
+def corrupt_rgb(shard, key: str) -> None:
+    """Flip one byte inside the entropy-coded data of every RGB frame of sample ``key``: OpenCV
+    decodes such a JPEG without an error, only the index file's CRC-32 tells."""
+    data = bytearray(shard.read_bytes())
+    index = json.loads((shard.parent / (shard.name + ".idx")).read_text())
+    for name, offset, size, _ in index["members"]:
+        if name.startswith(f"{key}.rgb."):
+            data[offset + size // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_corrupt_jpegs_are_skipped_and_counted_in_training_metrics_and_the_report(twelve, tmp_path):
+    from cluster.evaluate import main
+    from cluster.worker import Worker, train_one_step
+    from pipelines.loaders import build_loader
+    from stresnet.train_step import build_optimizer
+
+    copy = damage(twelve, tmp_path, "none")
+    corrupt_rgb(copy / "train-p000-00000.tar", "v001")
+    corrupt_rgb(copy / "test-p000-00000.tar", "v013")
+    cfg = config(copy, **{"data.max_damaged_fraction": 0.2, "model.width": 0.03125,
+                          "eval.output": str(tmp_path / "eval")})
+    loader = build_loader(cfg, "train", 0, 1, backend="cpu")
+    loader.set_epoch(0)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    batches = iter(loader)
+    skipped = [train_one_step(model, optimizer, batches, 1, Worker(0, 1, torch.device("cpu"), False),
+                              1e-3, False)[0]["skipped_samples"] for _ in range(len(loader))]
+    assert sum(skipped) == 1  # v001, once per epoch
+
+    file = tmp_path / "run.yaml"
+    dump_config(cfg, file)
+    folder = save_checkpoint(tmp_path / "checkpoint", model, to_dict(cfg),
+                             classes=["class0", "class1", "class2"])
+    assert main(["--config", str(file), "--checkpoint", str(folder)]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["videos"] == 7  # v013 dropped
+    assert report["skipped_views"] == report["views_per_video"]["max"] > 0  # all of v013's views

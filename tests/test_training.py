@@ -85,7 +85,8 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     assert run.data.params["train.global_batch_size"] == "22"
     assert "git_commit" in run.data.tags
     for key in ("loss", "accuracy", "lr", "clips_per_second", "data_wait_fraction",
-                "val_fused_top1", "val_appearance_top5", "val_motion_top1"):
+                "val_fused_top1", "val_appearance_top5", "val_motion_top1",
+                "skipped_samples", "val_skipped_views"):  # issue 13 item 4: skips are counted
         assert key in run.data.metrics, key
 
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]

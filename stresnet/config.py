@@ -307,6 +307,16 @@ class TrainConfig:
     run_name: Optional[str] = None  # None: a new unique name; set it to resume that run
     resume: bool = False
 
+    def check(self) -> None:
+        # The run folder is storage_path/run_name: a name with a path in it would escape it.
+        if self.run_name is not None and (
+            not self.run_name.strip() or "/" in self.run_name or "\\" in self.run_name
+            or self.run_name in (".", "..")
+        ):
+            raise ConfigError(
+                f"run_name: got {self.run_name!r}, expected a folder name (no '/', not '.' or '..')"
+            )
+
 
 @dataclass
 class ClusterConfig:
@@ -399,9 +409,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         except OSError as err:
             raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if raw is None:  # a mistake (wrong file, truncated copy) more often than intended
+            raise ConfigError(
+                f"{path}: the config file is empty; give a run config, or leave out --config "
+                "to start from the defaults"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides:
@@ -412,19 +427,40 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         raise ConfigError(f"{source}: {err}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last one
+    without a word, so the first value would be ignored silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def apply_override(raw: dict, item: str) -> None:
     """Set ``key.sub=value`` in a raw config dict; the value is parsed as YAML."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     parts = key.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = parsed
 
 
 def from_dict(cls: type, raw: Any, path: str = "") -> Any:

@@ -108,6 +108,23 @@ def test_malformed_files_and_overrides(tmp_path):
         load_config(None, ["model=5"])
 
 
+@pytest.mark.parametrize("text, overrides, message", [
+    # issue 13 item 10: an override that is not YAML gave a traceback
+    ("", ["model.depth=[50"], "override 'model.depth=[50': the value is not valid YAML"),
+    # issue 13 item 12
+    ("train: {lr: 0.1}\ntrain: {epochs: 3}\n", [], "not valid YAML: key 'train' is given twice"),
+    ("model: {depth: 50, depth: 101}\n", [], "not valid YAML: key 'depth' is given twice"),
+    ("\n# nothing but a comment\n", [], "the config file is empty"),
+    ("", ["train.run_name=../elsewhere"], "train.run_name: got '../elsewhere', expected a folder name"),
+    ("", ["train.run_name=.."], "train.run_name: got '..', expected a folder name"),
+])
+def test_mistakes_in_files_and_overrides_are_named(tmp_path, text, overrides, message):
+    file = write(tmp_path, text or "seed: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(file, overrides)
+    assert message in str(err.value)
+
+
 def test_flatten_gives_dotted_keys_for_every_leaf():
     flat = flatten(load_config(None))
     assert flat["model.injection.variant"] == "code"

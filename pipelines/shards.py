@@ -67,7 +67,7 @@ def make_shards(cfg: RunConfig) -> dict:
     if cfg.dataset.kind == "synthetic":  # the videos are made here, before any shard is planned
         write_synthetic_dataset(cfg.dataset)
     index = load_source(cfg.dataset)
-    params = creation_params(cfg)
+    params = creation_params(cfg, index)
     plans = plan_shards(index, cfg.shards.samples_per_shard, cfg.shards.num_partitions)
 
     if cfg.shards.partition is None:
@@ -93,7 +93,7 @@ def finalize(cfg: RunConfig, index: DatasetIndex | None = None) -> dict:
     out = Path(cfg.shards.output)
     if index is None:
         index = load_source(cfg.dataset)
-    params = creation_params(cfg)
+    params = creation_params(cfg, index)
     plans = plan_shards(index, cfg.shards.samples_per_shard, cfg.shards.num_partitions)
 
     records, incomplete = {}, []

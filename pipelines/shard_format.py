@@ -73,7 +73,11 @@ def read_manifest(folder: str | Path) -> dict:
         raise FileNotFoundError(
             f"{path}: no shard manifest; run `stresnet shards --config ...` to create the shards"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); run `stresnet shards` again to rewrite it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
     return manifest

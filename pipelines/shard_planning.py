@@ -97,8 +97,18 @@ def read_record(out: Path, partition: int, params: dict) -> dict:
     path = record_path(out, partition)
     if not path.is_file():
         return {"partition": partition, "params": params, "shards": {}}
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:
+        raise ShardsError(
+            f"{path}: not valid JSON ({err}); delete it to redo the shards it lists"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("shards"), dict):
+        raise ShardsError(f"{path}: not a progress record; delete it to redo the shards it lists")
     there = record.get("params") or {}
+    if "sources" not in there and "sources" in params:  # made before the digest was recorded
+        there = {**there, "sources": params["sources"]}  # cannot tell; record it from now on
+        record["params"] = there
     if there != params and {k: v for k, v in there.items() if k != "sources"} == {
         k: v for k, v in params.items() if k != "sources"
     }:

@@ -154,6 +154,24 @@ def test_an_edited_source_list_is_refused_instead_of_keeping_old_labels(videos, 
         make_shards(cfg)
 
 
+def test_invalid_json_in_the_manifest_or_a_progress_file_is_named(videos, tmp_path, capsys):
+    """issue 13 item 10: both gave a JSONDecodeError traceback without the file's name."""
+    from pipelines.shard_format import read_manifest
+
+    out = tmp_path / "shards"
+    cfg = load_config(None, small_overrides(videos, out))
+    make_shards(cfg)
+    (out / "manifest.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match=rf"{out}/manifest.json: not valid JSON"):
+        read_manifest(out)
+    make_shards(cfg)  # the shards are all there: the manifest is written again
+    assert "rewriting" in capsys.readouterr().out and read_manifest(out)["splits"]
+    (out / "manifest.json").unlink()
+    (out / "progress-p000.json").write_text("{not json")
+    with pytest.raises(ShardsError, match=rf"{out}/progress-p000.json: not valid JSON .*delete it"):
+        make_shards(cfg)
+
+
 def test_corrupt_truncated_and_empty_videos_are_skipped_and_reported(videos, tmp_path, capsys):
     good = sorted(videos.rglob("v_*"))[:3]
     avi = next(p for p in sorted(videos.rglob("v_*.avi")))

@@ -106,6 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"stresnet evaluate: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(err, MlflowException):
+            raise
+        # An unknown models:/ URI, a tracking server that is down or failing (after the bounded
+        # retries set in cluster/__init__.py).
+        message = str(err.message).splitlines()[0][:500]
+        print(f"stresnet evaluate: error: --model-uri {args.model_uri}: {message}", file=sys.stderr)
+        return 2
     print(format_summary(report))
     print(f"report: {files['report']}")
     if "confusion_matrix" in files:

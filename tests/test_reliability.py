@@ -218,3 +218,28 @@ def test_corrupt_jpegs_are_skipped_and_counted_in_training_metrics_and_the_repor
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["videos"] == 7  # v013 dropped
     assert report["skipped_views"] == report["views_per_video"]["max"] > 0  # all of v013's views
+
+
+# --------------------------------------------------------------------------------------------
+# Items 10 and 11: a registry URI that does not resolve, a tracking server that is down
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri, model, message", [
+    # before: ~4 minutes of MLflow's default retries, then a traceback
+    ("http://127.0.0.1:9", "models:/stresnet-synthetic@current",
+     "--model-uri models:/stresnet-synthetic@current: API request to http://127.0.0.1:9/"),
+    ("sqlite:///{tmp}/mlflow.db", "models:/no-such-model@current",
+     "--model-uri models:/no-such-model@current: Registered Model with name=no-such-model not found"),
+])
+def test_evaluate_names_a_registry_it_cannot_use(tmp_path, capsys, uri, model, message):
+    import os
+
+    from cluster.evaluate import main
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "4"  # bounded by cluster/__init__.py
+    file = tmp_path / "run.yaml"
+    file.write_text("seed: 0\n")
+    argv = ["--config", str(file), f"tracking.uri={uri.format(tmp=tmp_path)}", "--model-uri", model]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -243,3 +243,24 @@ def test_evaluate_names_a_registry_it_cannot_use(tmp_path, capsys, uri, model, m
     argv = ["--config", str(file), f"tracking.uri={uri.format(tmp=tmp_path)}", "--model-uri", model]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Item 9: checks before any worker starts (exit 2 of `stresnet train`, the key named)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.temporal.units": "[9]"}, "model.temporal.units: unit 9 does not exist in stage"),
+    ({"model.init.kind": "checkpoint", "model.init.checkpoint": "{tmp}/model.pt"},
+     "model.init.checkpoint: {tmp}/model.pt: cannot load weights"),
+])
+def test_preflight_catches_what_failed_in_every_worker(twelve, tmp_path, overrides, message):
+    from cluster.preflight import PreflightError, preflight
+
+    (tmp_path / "model.pt").write_bytes(bytes(range(256)) * 8)  # random bytes as weights
+    items = {k: v.format(tmp=tmp_path) for k, v in overrides.items()}
+    cfg = config(twelve, **{"tracking.uri": f"sqlite:///{tmp_path}/mlflow.db", **items})
+    with pytest.raises(PreflightError) as err:
+        preflight(cfg)
+    assert message.format(tmp=tmp_path) in str(err.value)

@@ -245,7 +245,7 @@ def test_a_non_finite_loss_stops_the_run_keeps_its_checkpoint_and_registers_noth
     uri = f"sqlite:///{root}/diverged.db"
     # One step per epoch; the first step's update (lr 1e38) overflows the weights.
     argv = ["--config", str(TINY), *overrides, f"tracking.uri={uri}", "train.epochs=4",
-            "train.validate_every=12", "train.checkpoint_every=1", "train.lr=1e38",
+            "train.validate_every=12", "train.checkpoint_every=1", "train.lr=1.0e+38",
             "train.run_name=diverged"]
     assert main(argv) == 1
     err = capsys.readouterr().err

@@ -43,6 +43,7 @@ def evaluate_model(cfg: RunConfig, model: nn.Module) -> tuple[dict, dict[str, Pa
     bf16 = cfg.train.bf16 and device.type == "cuda"
     manifest = read_manifest(cfg.data.shards)
     classes, families = manifest["classes"], manifest.get("class_families")
+    check_classes(model, classes, cfg.data.shards)
     loader = build_loader(cfg, cfg.data.val_split, rank=0, world_size=1, train=False)
     average = cfg.eval.score_average
     report = video_report(collect_scores(model, loader, device, bf16, average), classes, families)
@@ -53,6 +54,26 @@ def evaluate_model(cfg: RunConfig, model: nn.Module) -> tuple[dict, dict[str, Pa
             collect_scores(model, whole, device, bf16, average), classes, families
         )
     return report, save_report(report, cfg.eval.output)
+
+
+def check_classes(model: nn.Module, classes: list[str], shards: str) -> None:
+    """``ValueError`` unless the model was trained on these classes: the same number (else
+    labels index past the scores) and, where the model file records them, the same names in the
+    same order (else the report scores the wrong classes without a word)."""
+    if model.cfg.num_classes != len(classes):
+        raise ValueError(
+            f"the model has {model.cfg.num_classes} classes, the shards in {shards} have "
+            f"{len(classes)}: evaluate it on shards of the dataset it was trained on"
+        )
+    trained = getattr(model, "classes", None)
+    if trained is not None and list(trained) != list(classes):
+        differ = [i for i, (a, b) in enumerate(zip(trained, classes)) if a != b]
+        shown = ", ".join(f"label {i}: {trained[i]!r} vs {classes[i]!r}" for i in differ[:3])
+        raise ValueError(
+            f"the model's classes differ from those of the shards in {shards} at {len(differ)} "
+            f"label(s) ({shown}{', ...' if len(differ) > 3 else ''}): evaluate it on shards made "
+            f"from the same class list"
+        )
 
 
 def format_summary(report: dict) -> str:
@@ -90,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         report, files = evaluate_model(cfg, model)
     except (ConfigError, FileNotFoundError, ValueError, WeightsError) as err:
         print(f"stresnet evaluate: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(err, MlflowException):
+            raise
+        # An unknown models:/ URI, a tracking server that is down or failing (after the bounded
+        # retries set in cluster/__init__.py).
+        message = str(err.message).splitlines()[0][:500]
+        print(f"stresnet evaluate: error: --model-uri {args.model_uri}: {message}", file=sys.stderr)
         return 2
     print(format_summary(report))
     print(f"report: {files['report']}")

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
 
-    from cluster.train import PreflightError, run_training
+    from cluster.train import NonFiniteLossError, PreflightError, RegistrationError, run_training
     from stresnet.config import absolute_paths
+    from pipelines.loaders.shard_reader import DamagedShardsError
     from pipelines.shards import DatasetError, ShardFailures, ShardsError, make_shards
 
     try:
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PreflightError, DatasetError, ShardsError, ShardFailures) as err:
         print(f"stresnet main-job: error: {err}", file=sys.stderr)
         return 2
+    except (RegistrationError, NonFiniteLossError, DamagedShardsError) as err:
+        print(f"stresnet main-job: error: {err}", file=sys.stderr)
+        return 1
     print(summary(cfg, result, report, timer))
     return 0
 

@@ -44,6 +44,16 @@ def preflight(cfg: RunConfig) -> None:
                 f"data.{key}: the shards in {cfg.data.shards} have no {split!r} videos "
                 f"(splits: {sorted(manifest.get('splits', {}))}); fix data.{key} or re-make the shards"
             )
+    # The skip policy before any worker starts: missing shards, truncated ones (index files
+    # make this cheap; shards without one are scanned).
+    from pipelines.loaders.shard_reader import DamagedShardsError, ShardIndex
+
+    for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
+        try:
+            ShardIndex(cfg.data.shards, split, cfg.data.max_damaged_fraction)
+        except DamagedShardsError as err:
+            raise PreflightError(f"data.shards: {err}") from None
+
     classes = len(manifest["classes"])
     if classes != cfg.model.num_classes:
         raise PreflightError(
@@ -55,6 +65,29 @@ def preflight(cfg: RunConfig) -> None:
         registered = key != "torchvision_weights" and is_model_uri(path)  # fetched after preflight
         if path != "imagenet" and not registered and not Path(path).exists():
             raise PreflightError(f"model.init.{key}: {path} does not exist")
+
+    # Build the network without memory (meta device): a model config that only the builder can
+    # reject (a temporal unit past the end of a stage, ...) fails here, not in every worker.
+    import torch
+
+    from stresnet.config import InitConfig
+    from stresnet.model import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(replace(cfg.model, init=InitConfig()))
+    except (ValueError, ConfigError) as err:
+        raise PreflightError(str(err) if str(err).startswith("model.") else f"model: {err}") from None
+    # Init weights that cannot be read (random bytes, truncated copy) fail here too.
+    from stresnet.checkpoint import WeightsError, read_model_file
+
+    for key, path in cfg.model.init.files().items():
+        if key == "torchvision_weights" or path == "imagenet" or is_model_uri(path):
+            continue
+        try:
+            read_model_file(path)
+        except WeightsError as err:
+            raise PreflightError(f"model.init.{key}: {err}") from None
 
     try:
         accumulation_steps(cfg.train.global_batch_size, cfg.data.batch_size_per_worker,

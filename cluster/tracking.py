@@ -307,7 +307,7 @@ def log_metrics(metrics: dict[str, Any], step: int) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
-def end_run() -> None:
+def end_run(status: str = "FINISHED") -> None:
     import mlflow
 
-    mlflow.end_run()
+    mlflow.end_run(status=status)

@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 
 from cluster.preflight import PreflightError, fetch_registered_init, preflight, resolve_run_name
-from cluster.worker import train_loop
+from cluster.worker import (
+    DATA_DAMAGED,
+    LOSS_NOT_FINITE,
+    REGISTRATION_FAILED,
+    progress,
+    train_loop,
+)
+from pipelines.loaders.shard_reader import DamagedShardsError
 from stresnet.checkpoint import load_train_state
 from stresnet.config import (
     ConfigError,
@@ -43,6 +50,14 @@ from stresnet.config import (
 )
 
 EXIT_STOPPED = 75  # `stresnet train` stopped on request (EX_TEMPFAIL): resume the run later
+
+
+class RegistrationError(RuntimeError):
+    """Training finished but its final model was not registered; the checkpoint is kept."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped, its checkpoints are kept."""
 
 
 @dataclass
@@ -125,13 +140,38 @@ def run_training(cfg: RunConfig) -> TrainResult:
     # SIGUSR1/SIGTERM: checkpoint and stop, through Ray's KV store (cluster/stop_request.py).
     from cluster.stop_request import clear_stop_request, install_stop_signals
 
+    (run_dir / LOSS_NOT_FINITE).unlink(missing_ok=True)  # a resumed run tries again
+    damaged = run_dir / DATA_DAMAGED
+    damaged.unlink(missing_ok=True)
     if threading.current_thread() is threading.main_thread():
         install_stop_signals(run_name)
     try:
         result = trainer.fit()
+    except Exception:
+        if damaged.is_file():  # the skip policy's limit, reached while reading (a named error)
+            raise DamagedShardsError(
+                f"{damaged.read_text().strip()}. The run's checkpoints in {run_dir} are kept; "
+                f"after fixing the shards continue with train.run_name={run_name} train.resume=true"
+            ) from None
+        raise
     finally:
         clear_stop_request(run_name)
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+    not_finite = run_dir / LOSS_NOT_FINITE
+    if not_finite.is_file():
+        raise NonFiniteLossError(
+            f"{not_finite.read_text().strip()}: the run stopped and registered no model. Its "
+            f"checkpoints (latest: {checkpoint}) are kept; lower train.lr (or check the data) and "
+            f"start a new run, or resume this one with train.run_name={run_name} train.resume=true"
+        )
+    failed = run_dir / REGISTRATION_FAILED
+    if failed.is_file():
+        raise RegistrationError(
+            f"training finished but the final model was not registered as "
+            f"{tracking.registered_model_name(cfg)}@{cfg.tracking.alias}: "
+            f"{failed.read_text().strip()}. The checkpoint {checkpoint} is kept: fix the cause and "
+            f"run again with train.run_name={run_name} train.resume=true to register it"
+        )
     state = load_train_state(checkpoint) if checkpoint else {}
     return TrainResult(
         run_name=run_name,
@@ -159,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PreflightError) as err:
         print(f"stresnet train: error: {err}", file=sys.stderr)
         return 2
+    except (RegistrationError, NonFiniteLossError, DamagedShardsError) as err:
+        print(f"stresnet train: error: {err}", file=sys.stderr)
+        return 1
     if result.stopped:
         print(f"stopped on request at step {result.steps}, checkpoint {result.checkpoint}; continue "
               f"with train.run_name={result.run_name} train.resume=true")

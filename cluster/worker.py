@@ -18,6 +18,7 @@ every piece is a function of its inputs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from pipelines.loaders.shard_reader import DamagedShardsError
 from stresnet.checkpoint import MODEL_FILE, load_file, load_train_state, save_checkpoint
 from stresnet.config import InitConfig, RunConfig, from_dict, to_dict
 from stresnet.evaluate import collect_scores, gather_scores, save_report, summary_metrics, video_report
@@ -43,6 +45,15 @@ from stresnet.train_step import (
 )
 
 FAILURE_MARKER = "failure_injected"  # in the run folder: the injected failure already happened
+# In the run folder: the final model could not be registered (the error). The driver fails the
+# command with it; a relaunch of the finished run (train.resume=true) registers again.
+REGISTRATION_FAILED = "registration_failed"
+# In the run folder: the training loss became NaN or infinite (at which step); the run stopped
+# without a checkpoint of that step and without registering a model.
+LOSS_NOT_FINITE = "loss_not_finite"
+# In the run folder: more of the data turned out damaged while reading than
+# data.max_damaged_fraction allows (the error); the run stopped without registering a model.
+DATA_DAMAGED = "data_damaged"
 
 
 @dataclass
@@ -118,8 +129,8 @@ def train_one_step(
     """
     started = time.perf_counter()
     set_learning_rate(optimizer, lr)
-    # loss sum, correct, clips on the device (no host sync per micro-batch); the free slot
-    # carries "stop requested"
+    # loss sum, correct, clips, damaged samples skipped, stop requested: summed on the device (no
+    # host sync per micro-batch)
     waited, totals = 0.0, StepTotals(worker.device)
     for micro in range(accumulation):
         before = time.perf_counter()
@@ -127,13 +138,16 @@ def train_one_step(
         waited += time.perf_counter() - before
         totals.add(forward_backward(model, batch, accumulation, worker.device,
                                     sync_gradients=micro == accumulation - 1, bf16=worker.bf16,
-                                    loss=worker.loss))
-    totals.tensor[3] = float(stop_requested)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+                                    loss=worker.loss), skipped=batch.get("skipped", 0))
+    totals.tensor[4] = float(stop_requested)
     if worker.world > 1:
         torch.distributed.all_reduce(totals.tensor)  # gloo/nccl: sums over workers
     step = totals.read()  # the step's one host/device synchronisation
+    # Every rank sees the same summed loss: all skip a non-finite step alike, and the weights
+    # stay those of the last finite step (the caller stops the run).
+    if math.isfinite(step["loss"]):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
     metrics = {
         "loss": step["loss"],
@@ -141,6 +155,7 @@ def train_one_step(
         "lr": lr,
         "clips_per_second": step["clips"] / elapsed,
         "data_wait_fraction": waited / elapsed,
+        "skipped_samples": step["skipped"],  # damaged samples replaced in this step's batches
     }
     return metrics, step["flag"] > 0
 
@@ -151,9 +166,12 @@ def save(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sta
     rank). ``state`` says where the run is: the checkpoint resumes from there."""
     import ray.train
 
+    from pipelines.shard_format import read_manifest
+
     with tempfile.TemporaryDirectory() as folder:
         attached = None
         if worker.rank == 0:
+            classes = read_manifest(cfg.data.shards)["classes"]  # evaluation checks them
             train_state = {
                 "optimizer": optimizer.state_dict(),
                 "epoch": state.epoch,
@@ -162,7 +180,7 @@ def save(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sta
                 "mlflow_run_id": state.mlflow_run_id,
             }
             attached = ray.train.Checkpoint.from_directory(
-                save_checkpoint(folder, model, to_dict(cfg), train_state))
+                save_checkpoint(folder, model, to_dict(cfg), train_state, classes))
         ray.train.report(metrics, checkpoint=attached,
                          checkpoint_dir_name=f"checkpoint_{state.global_step:07d}")
 
@@ -201,6 +219,8 @@ def train_loop(loop_config: dict) -> None:
     quiet_ray_train()
     cfg: RunConfig = from_dict(RunConfig, loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
+    if (run_dir / DATA_DAMAGED).is_file():  # a retry after the data was found damaged: don't
+        raise DamagedShardsError((run_dir / DATA_DAMAGED).read_text().strip())
     worker = setup_worker(cfg)
     model, optimizer, state = build_and_restore(cfg, worker)
 
@@ -232,58 +252,113 @@ def train_loop(loop_config: dict) -> None:
     if start_step >= steps_per_epoch:
         start_epoch, start_step = start_epoch + 1, 0
 
-    session_start, session_steps = time.perf_counter(), 0
+    session_start, session_steps, skipped = time.perf_counter(), 0, 0
     model.train()
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if state.global_step >= total_steps:
-            break
-        train_loader.set_epoch(epoch)
-        batches = iter(train_loader)
-        first = start_step if epoch == start_epoch else 0
-        for _ in range(first * accumulation):  # the micro-batches the checkpoint already used
-            next(batches)
-        for step_in_epoch in range(first, steps_per_epoch):
+    try:
+        for epoch in range(start_epoch, cfg.train.epochs):
             if state.global_step >= total_steps:
                 break
-            step = state.global_step
-            torch.manual_seed(step_seed(cfg.seed, worker.rank, step))
-            asked = worker.rank == 0 and stop_request.stop_requested(loop_config["run_name"])
-            metrics, stop = train_one_step(model, optimizer, batches, accumulation, worker,
-                                           learning_rate(cfg.train, step, steps_per_epoch),
-                                           asked)
-            metrics["epoch"] = epoch + 1
-            state.global_step = step + 1
-            session_steps += 1
-            if stop and state.global_step < total_steps:
-                total_steps = state.global_step  # checkpoint below, then leave both loops
-                metrics["stopped_on_request"] = 1.0
-            if worker.rank == 0:
-                tracking.log_metrics(metrics, step=state.global_step)
-                per_step = (time.perf_counter() - session_start) / session_steps
-                eta = per_step * (total_steps - state.global_step)
-                progress(
-                    f"epoch {epoch + 1}/{cfg.train.epochs} step "
-                    f"{step_in_epoch + 1}/{steps_per_epoch} (total {state.global_step}/"
-                    f"{total_steps}) loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
-                    f"lr {metrics['lr']:.2g} {metrics['clips_per_second']:.1f} clips/s "
-                    f"data-wait {metrics['data_wait_fraction']:.0%} ETA {eta:.0f}s"
-                )
-            inject_failure(cfg, worker, state.global_step, run_dir)
-            epoch_done = step_in_epoch + 1 == steps_per_epoch
-            stopping = state.global_step >= total_steps
-            if epoch_done and (epoch + 1) % cfg.train.validate_every == 0:
-                metrics.update(validate(cfg, model, val_loader, worker, epoch, state.global_step,
-                                        run_dir))
-            if epoch_done or stopping or state.global_step % cfg.train.checkpoint_every == 0:
-                state.epoch, state.step_in_epoch = epoch, step_in_epoch + 1
-                save(cfg, model, optimizer, state, worker, metrics)
+            train_loader.set_epoch(epoch)
+            batches = iter(train_loader)
+            first = start_step if epoch == start_epoch else 0
+            for _ in range(first * accumulation):  # the micro-batches the checkpoint already used
+                next(batches)
+            for step_in_epoch in range(first, steps_per_epoch):
+                if state.global_step >= total_steps:
+                    break
+                step = state.global_step
+                torch.manual_seed(step_seed(cfg.seed, worker.rank, step))
+                asked = worker.rank == 0 and stop_request.stop_requested(loop_config["run_name"])
+                metrics, stop = train_one_step(model, optimizer, batches, accumulation, worker,
+                                               learning_rate(cfg.train, step, steps_per_epoch),
+                                               asked)
+                metrics["epoch"] = epoch + 1
+                if not math.isfinite(metrics["loss"]):
+                    stop_on_non_finite_loss(metrics, step + 1, worker, run_dir)
+                    return
+                state.global_step = step + 1
+                session_steps += 1
+                skipped += int(metrics["skipped_samples"])
+                if stop and state.global_step < total_steps:
+                    total_steps = state.global_step  # checkpoint below, then leave both loops
+                    metrics["stopped_on_request"] = 1.0
+                if worker.rank == 0:
+                    tracking.log_metrics(metrics, step=state.global_step)
+                    per_step = (time.perf_counter() - session_start) / session_steps
+                    eta = per_step * (total_steps - state.global_step)
+                    progress(
+                        f"epoch {epoch + 1}/{cfg.train.epochs} step "
+                        f"{step_in_epoch + 1}/{steps_per_epoch} (total {state.global_step}/"
+                        f"{total_steps}) loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
+                        f"lr {metrics['lr']:.2g} {metrics['clips_per_second']:.1f} clips/s "
+                        f"data-wait {metrics['data_wait_fraction']:.0%} ETA {eta:.0f}s"
+                        + (f" skipped {skipped} damaged samples" if skipped else "")
+                    )
+                inject_failure(cfg, worker, state.global_step, run_dir)
+                epoch_done = step_in_epoch + 1 == steps_per_epoch
+                stopping = state.global_step >= total_steps
+                if epoch_done and (epoch + 1) % cfg.train.validate_every == 0:
+                    metrics.update(validate(cfg, model, val_loader, worker, epoch, state.global_step,
+                                            run_dir))
+                if epoch_done or stopping or state.global_step % cfg.train.checkpoint_every == 0:
+                    state.epoch, state.step_in_epoch = epoch, step_in_epoch + 1
+                    save(cfg, model, optimizer, state, worker, metrics)
+
+    except DamagedShardsError as err:
+        # Raised on one rank only: returning would leave the others waiting in an all-reduce.
+        # Fail the worker (Ray Train stops them all); the retries Ray makes fail at once on
+        # DATA_DAMAGED (see the top of this function) and the driver reports the error.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DATA_DAMAGED).write_text(f"{err}\n")
+        if worker.rank == 0:
+            tracking.end_run(status="FAILED")
+        raise
 
     if worker.rank == 0:
         finished = state.global_step >= cfg.train.epochs * steps_per_epoch
-        if finished and session_steps:  # not again when relaunching a finished run
-            uri = tracking.log_final_model(model, cfg)
-            progress(f"registered the final model as {uri}")
-        tracking.end_run()
+        failed = run_dir / REGISTRATION_FAILED
+        # Not again when relaunching a finished run, unless its registration failed.
+        if finished and (session_steps or failed.exists()):
+            register_final_model(model, cfg, failed)
+        else:
+            tracking.end_run()
+
+
+def stop_on_non_finite_loss(metrics: dict, step: int, worker: Worker, run_dir: Path) -> None:
+    """The loss of optimizer step ``step`` is NaN or infinite (on every rank: it is summed over
+    all of them). The step was not applied and nothing is saved or registered after it; rank 0
+    logs the loss, ends the MLflow run as failed and leaves ``LOSS_NOT_FINITE`` for the driver,
+    which fails the command (a worker error would be retried by Ray from the last checkpoint,
+    into the same NaN)."""
+    from cluster import tracking
+
+    if worker.rank != 0:
+        return
+    tracking.log_metrics(metrics, step=step)
+    message = f"training loss {metrics['loss']} at step {step} (learning rate {metrics['lr']:g})"
+    progress(f"stopping: {message}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOSS_NOT_FINITE).write_text(message + "\n")
+    tracking.end_run(status="FAILED")
+
+
+def register_final_model(model: nn.Module, cfg: RunConfig, failed: Path) -> None:
+    """Register the final model and end the MLflow run. Any error is written to ``failed``
+    instead of raised: raised, Ray Train would retry the worker, find the run finished and
+    exit 0 with nothing registered (issue 13). The driver turns ``failed`` into an error."""
+    from cluster import tracking
+
+    try:
+        uri = tracking.log_final_model(model, cfg)
+    except Exception as err:  # noqa: BLE001 - whatever it is, the driver reports it
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(f"{type(err).__name__}: {err}\n")
+        progress(f"registering the final model failed: {type(err).__name__}: {err}")
+        tracking.end_run(status="FAILED")
+        return
+    failed.unlink(missing_ok=True)
+    progress(f"registered the final model as {uri}")
+    tracking.end_run()
 
 
 def quiet_ray_train() -> None:

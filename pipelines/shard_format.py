@@ -19,7 +19,9 @@ creation parameters, library versions and failures (see ``docs/shard-format.md``
 Beside each shard ``NAME.tar`` the writer puts its index ``NAME.tar.idx``: where each member's
 bytes are, so a reader seeks straight to them instead of walking the tar headers. It is UTF-8
 JSON: ``{"format": INDEX_FORMAT, "tar_size": bytes of the tar, "members": [[name, data offset,
-size], ...]}`` with the members in tar order. Readers must treat it as a hint: a shard without one
+size, crc32], ...]}`` with the members in tar order; ``crc32`` (``zlib.crc32`` of the member's
+data) lets a reader tell a damaged member from a whole one (index files written before it was
+added have three fields per member, and their members are read unchecked). Readers must treat it as a hint: a shard without one
 (made by another tool), or whose index does not match the tar, is read by scanning its headers.
 """
 
@@ -71,7 +73,11 @@ def read_manifest(folder: str | Path) -> dict:
         raise FileNotFoundError(
             f"{path}: no shard manifest; run `stresnet shards --config ...` to create the shards"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); run `stresnet shards` again to rewrite it") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
     return manifest

@@ -52,8 +52,10 @@ def plan_shards(index: DatasetIndex, samples_per_shard: int, num_partitions: int
     return plans
 
 
-def creation_params(cfg: RunConfig) -> dict:
-    """The settings that decide the shards' content; a re-run must use the same ones."""
+def creation_params(cfg: RunConfig, index=None) -> dict:
+    """The settings that decide the shards' content; a re-run must use the same ones. With
+    ``index`` (the ``DatasetIndex``), also a digest of the source list: which videos, labels,
+    class names and splits; an edited CSV or split file changes it."""
     d, s = cfg.dataset, cfg.shards
     params = {
         "dataset": {"kind": d.kind, "root": d.root, "splits_dir": d.splits_dir, "csv": d.csv, "split": d.split},
@@ -70,7 +72,17 @@ def creation_params(cfg: RunConfig) -> dict:
     }
     if d.kind == "synthetic":
         params["dataset"]["synthetic"] = to_dict(d.synthetic)
+    if index is not None:
+        params["sources"] = sources_digest(index)
     return params
+
+
+def sources_digest(index) -> str:
+    """SHA-256 of the source list: classes, then per video (key, source, label, class, split)."""
+    rows = [index.classes] + [
+        [e.video_id, e.source, e.label, e.class_name, e.split] for e in index.entries
+    ]
+    return "sha256:" + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------
@@ -87,7 +99,26 @@ def read_record(out: Path, partition: int, params: dict) -> dict:
     path = record_path(out, partition)
     if not path.is_file():
         return {"partition": partition, "params": params, "shards": {}}
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:
+        raise ShardsError(
+            f"{path}: not valid JSON ({err}); delete it to redo the shards it lists"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("shards"), dict):
+        raise ShardsError(f"{path}: not a progress record; delete it to redo the shards it lists")
+    there = record.get("params") or {}
+    if "sources" not in there and "sources" in params:  # made before the digest was recorded
+        there = {**there, "sources": params["sources"]}  # cannot tell; record it from now on
+        record["params"] = there
+    if there != params and {k: v for k, v in there.items() if k != "sources"} == {
+        k: v for k, v in params.items() if k != "sources"
+    }:
+        raise ShardsError(
+            f"{path}: the source list (CSV, split files or video folders) changed since {out} "
+            f"was made, so its shards hold other videos or labels; use a new shards.output or "
+            f"delete {out} to make them again"
+        )
     if record.get("params") != params:
         raise ShardsError(
             f"{path}: {out} was made with other settings; use a new shards.output or delete it.\n"

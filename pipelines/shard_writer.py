@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import zlib
 from contextlib import closing
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -42,7 +43,7 @@ class IndexedTarWriter:
         self.stream = stream
         # Fixed member times and owner: the same samples always give the same bytes.
         self.tar = wds.TarWriter(stream, encoder=False, mtime=0.0, user="stresnet", group="stresnet")
-        self.members: list[list] = []  # [name, data offset, size] in tar order
+        self.members: list[list] = []  # [name, data offset, size, CRC-32 of the data] in tar order
 
     def write(self, sample: dict) -> None:
         key = sample["__key__"]
@@ -51,7 +52,7 @@ class IndexedTarWriter:
             self.tar.write({"__key__": key, name: data})
             end = self.tar.tarstream.offset  # just past this member's data, padded to a block
             padded = (len(data) + _BLOCK - 1) // _BLOCK * _BLOCK
-            self.members.append([f"{key}.{name}", end - padded, len(data)])
+            self.members.append([f"{key}.{name}", end - padded, len(data), zlib.crc32(data)])
 
     def close(self) -> dict:
         """Finish the tar; return its index (see ``pipelines.shard_format``)."""

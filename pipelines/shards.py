@@ -17,7 +17,6 @@ With ``shards.partition`` unset one process does every partition and then finali
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from datetime import datetime, timezone
@@ -67,13 +66,17 @@ def make_shards(cfg: RunConfig) -> dict:
     if cfg.dataset.kind == "synthetic":  # the videos are made here, before any shard is planned
         write_synthetic_dataset(cfg.dataset)
     index = load_source(cfg.dataset)
-    params = creation_params(cfg)
+    params = creation_params(cfg, index)
     plans = plan_shards(index, cfg.shards.samples_per_shard, cfg.shards.num_partitions)
 
     if cfg.shards.partition is None:
         existing = out / fmt.MANIFEST
-        if existing.is_file():
-            manifest = json.loads(existing.read_text())
+        try:
+            manifest = fmt.read_manifest(out) if existing.is_file() else None
+        except ValueError as err:  # unreadable: finalize below writes it again
+            print(f"rewriting {existing}: {err}")
+            manifest = None
+        if manifest is not None:
             listed = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
             shards_there = all((out / name).is_file() for name in listed)
             if manifest.get("params") == params and shards_there:
@@ -93,7 +96,7 @@ def finalize(cfg: RunConfig, index: DatasetIndex | None = None) -> dict:
     out = Path(cfg.shards.output)
     if index is None:
         index = load_source(cfg.dataset)
-    params = creation_params(cfg)
+    params = creation_params(cfg, index)
     plans = plan_shards(index, cfg.shards.samples_per_shard, cfg.shards.num_partitions)
 
     records, incomplete = {}, []

@@ -161,7 +161,7 @@ def hmdb51_source(root: str | Path, splits_dir: str | Path | SplitsDir, split: i
 def csv_source(csv_path: str | Path) -> DatasetIndex:
     csv_path = Path(csv_path)
     try:
-        text = csv_path.read_text()
+        text = csv_path.read_text(encoding="utf-8-sig")  # a byte-order mark is not data
     except OSError as err:
         raise DatasetError(f"{csv_path}: cannot read the CSV list ({err.strerror})") from None
     rows = [row for row in csv.reader(text.splitlines()) if row and any(c.strip() for c in row)]

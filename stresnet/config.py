@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -278,6 +279,9 @@ class DataConfig:
     loader_workers: int = num(2, min=0)  # loader processes per worker; 0: in the worker itself
     decode_threads: int = num(0, min=0)  # DALI CPU threads; 0: the process's cores, at most 8
     hw_decoder_load: float = num(0.65, min=0.0, max=1.0)  # share of JPEGs for nvJPEG's HW engine
+    # Damaged samples (truncated or missing shard, corrupt member) are skipped and counted; more
+    # than this fraction of a split stops training and evaluation (docs/reliability.md).
+    max_damaged_fraction: float = num(0.01, min=0.0, max=1.0)
     train_split: str = "train"
     val_split: str = "test"
 
@@ -316,6 +320,16 @@ class TrainConfig:
     run_name: Optional[str] = None  # None: a new unique name; set it to resume that run
     resume: bool = False
 
+    def check(self) -> None:
+        # The run folder is storage_path/run_name: a name with a path in it would escape it.
+        if self.run_name is not None and (
+            not self.run_name.strip() or "/" in self.run_name or "\\" in self.run_name
+            or self.run_name in (".", "..")
+        ):
+            raise ConfigError(
+                f"run_name: got {self.run_name!r}, expected a folder name (no '/', not '.' or '..')"
+            )
+
 
 @dataclass
 class ClusterConfig:
@@ -341,6 +355,24 @@ class TrackingConfig:
     # Where a NEW experiment keeps its runs' artifacts (an existing one keeps its own). None:
     # sqlite stores use mlartifacts/<experiment> next to the database; servers their default.
     artifact_location: Optional[str] = path(None)
+
+    def check(self) -> None:
+        # MLflow's alias rules, checked here so that a bad alias stops the run before training,
+        # not at registration after it: letters, digits, _ and -; "latest" (any case) and
+        # version names such as v3 are reserved.
+        if not re.fullmatch(r"[\w-]{1,255}", self.alias):
+            raise ConfigError(f"alias: got {self.alias!r}, expected letters, digits, '_' or '-'")
+        if self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias):
+            raise ConfigError(
+                f"alias: {self.alias!r} is reserved by MLflow's model registry; choose another "
+                "(default: current)"
+            )
+        if self.registered_model is not None and (
+            not self.registered_model.strip() or any(c in self.registered_model for c in "/:")
+        ):
+            raise ConfigError(
+                f"registered_model: got {self.registered_model!r}, expected a name without '/' or ':'"
+            )
 
 
 @dataclass
@@ -393,9 +425,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         except OSError as err:
             raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if raw is None:  # a mistake (wrong file, truncated copy) more often than intended
+            raise ConfigError(
+                f"{path}: the config file is empty; give a run config, or leave out --config "
+                "to start from the defaults"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     for item in overrides:
@@ -406,19 +443,40 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         raise ConfigError(f"{source}: {err}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last one
+    without a word, so the first value would be ignored silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def apply_override(raw: dict, item: str) -> None:
     """Set ``key.sub=value`` in a raw config dict; the value is parsed as YAML."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     parts = key.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = parsed
 
 
 def from_dict(cls: type, raw: Any, path: str = "") -> Any:
@@ -487,6 +545,8 @@ def _convert(hint: Any, value: Any, key: str, meta: Any = None) -> Any:
         if not ok:
             raise ConfigError(f"{key}: got {_show(value)}, expected {'an integer' if hint is int else 'a number'}")
         value = hint(value)
+        if not math.isfinite(value):  # NaN passes every range check: compare nothing to it
+            raise ConfigError(f"{key}: got {value}, expected a finite number")
         lo, hi = (meta or {}).get("min"), (meta or {}).get("max")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             bounds = f"{'' if lo is None else lo} .. {'' if hi is None else hi}".strip()

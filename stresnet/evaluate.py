@@ -41,6 +41,7 @@ class VideoScores:
             raise ValueError(f"eval.score_average: got {average!r}, expected 'logits' or 'softmax'")
         self.average = average
         self.videos: dict[str, dict] = {}
+        self.skipped = 0  # views the loader dropped (damaged samples)
 
     def add(self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, video_ids: list[str]) -> None:
         """Add one batch of model outputs (stream logits and fused scores) for ``video_ids``."""
@@ -65,6 +66,7 @@ class VideoScores:
                 entry["scores"][name] = values[i].astype(np.float64) if total is None else total + values[i]
 
     def merge(self, other: "VideoScores") -> None:
+        self.skipped += other.skipped
         for video_id, theirs in other.videos.items():
             mine = self.videos.get(video_id)
             if mine is None:
@@ -80,11 +82,11 @@ def gather_scores(scores: VideoScores) -> VideoScores:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return scores
     parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, scores.videos)
+    torch.distributed.all_gather_object(parts, (scores.videos, scores.skipped))
     merged = VideoScores(scores.average)
-    for videos in parts:
+    for videos, skipped in parts:
         part = VideoScores(scores.average)
-        part.videos = videos
+        part.videos, part.skipped = videos, skipped
         merged.merge(part)
     return merged
 
@@ -105,6 +107,7 @@ def collect_scores(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = model(rgb, flow)
             scores.add(outputs, batch["label"], list(batch["video_id"]))
+            scores.skipped += int(batch.get("skipped", 0))
     finally:
         model.train(was_training)
     return scores
@@ -131,6 +134,7 @@ def video_report(
     k = min(5, num_classes)  # top-5 with fewer than 5 classes counts every class
     report: dict = {
         "videos": len(video_ids),
+        "skipped_views": scores.skipped,  # of damaged samples, not scored (docs/reliability.md)
         "views_per_video": {"min": int(views.min()), "max": int(views.max())},
         "score_average": scores.average,
         "classes": list(class_names),
@@ -170,7 +174,7 @@ def video_report(
 def summary_metrics(report: dict, prefix: str = "") -> dict[str, float]:
     """Flat ``{"<prefix>fused_top1": ...}`` numbers of a report, for metric logging; with
     families also ``{"<prefix>fused_top1_conjunction": ...}`` (families with test videos)."""
-    metrics = {}
+    metrics = {f"{prefix}skipped_views": float(report.get("skipped_views", 0))}
     for stream, values in report["streams"].items():
         for key, value in values.items():
             if key.startswith("top"):

@@ -98,11 +98,14 @@ def load_model(path: str | Path) -> STResNet:
     """The network saved in ``model.pt`` (the file, a checkpoint folder or a run folder: see
     ``stresnet.checkpoint.checkpoint_file``), built from the model config stored beside the
     weights, so it matches whatever the run trained. ``model.cfg.init`` is ``random``: the
-    weights came from the file."""
+    weights came from the file. ``model.classes``: the class names stored with the weights
+    (label order), None in files written before they were stored."""
     source, payload = read_model_file(path)
     config = payload.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise WeightsError(f"{source}: not a stresnet model file (expected keys 'model' and 'config')")
     model = build_model(from_dict(ModelConfig, {**config["model"], "init": {"kind": "random"}}, "model"))
     model.load_state_dict(payload["model"])
+    classes = payload.get("classes")
+    model.classes = [str(c) for c in classes] if isinstance(classes, list) else None
     return model

@@ -195,20 +195,22 @@ class StepTotals:
     """
 
     def __init__(self, device: torch.device) -> None:
-        # loss * clips, correct, clips, and a free slot (e.g. a flag every rank must see)
-        self.tensor = torch.zeros(4, dtype=torch.float64, device=device)
+        # loss * clips, correct, clips, damaged samples skipped, and a free slot (e.g. a flag
+        # every rank must see)
+        self.tensor = torch.zeros(5, dtype=torch.float64, device=device)
         self.clips = 0
 
-    def add(self, stats: MicroBatchStats) -> None:
+    def add(self, stats: MicroBatchStats, skipped: int = 0) -> None:
         self.tensor[0] += stats.loss.double() * stats.clips
+        self.tensor[3] += skipped
         self.tensor[1] += stats.correct
         self.tensor[2] += stats.clips
         self.clips += stats.clips
 
     def read(self) -> dict[str, float]:
-        loss_sum, correct, clips, flag = self.tensor.tolist()
+        loss_sum, correct, clips, skipped, flag = self.tensor.tolist()
         return {"loss": loss_sum / clips, "accuracy": correct / clips, "clips": clips,
-                "flag": flag}
+                "skipped": skipped, "flag": flag}
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:

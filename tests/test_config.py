@@ -62,6 +62,20 @@ def test_overrides_apply_to_nested_keys_and_parse_yaml_values(tmp_path):
         ("dataset.kind=csv", "dataset.csv: required when dataset.kind is 'csv'"),
         ("model.init.kind=checkpoint", "model.init.checkpoint: required when init.kind is 'checkpoint'"),
         ("model.temporal.kernel=4", "model.temporal.kernel: got 4, expected an odd number"),
+        # issue 13 item 1: MLflow refuses these only at registration, after the whole training
+        ("tracking.alias=latest", "tracking.alias: 'latest' is reserved by MLflow's model registry"),
+        ("tracking.alias=Latest", "tracking.alias: 'Latest' is reserved by MLflow's model registry"),
+        ("tracking.alias=v3", "tracking.alias: 'v3' is reserved by MLflow's model registry"),
+        ("tracking.alias=new model", "tracking.alias: got 'new model', expected letters, digits"),
+        ("tracking.registered_model=team/st", "tracking.registered_model: got 'team/st', expected a name without"),
+        # issue 13 item 6: NaN is neither below a minimum nor above a maximum
+        ("train.lr=.nan", "train.lr: got nan, expected a finite number"),
+        ("train.momentum=.nan", "train.momentum: got nan, expected a finite number"),
+        ("train.weight_decay=.inf", "train.weight_decay: got inf, expected a finite number"),
+        ("model.width=-.inf", "model.width: got -inf, expected a finite number"),
+        ("train.lr=1.0e+999", "train.lr: got inf, expected a finite number"),
+        ("sampling.crop_scale=[.nan, 1.0]", "sampling.crop_scale[0]: got nan, expected a finite number"),
+        ("train.epochs=.inf", "train.epochs: got inf (float), expected an integer"),
     ],
 )
 def test_bad_values_are_rejected_with_key_path_and_allowed_values(override, message):
@@ -96,6 +110,23 @@ def test_malformed_files_and_overrides(tmp_path):
         load_config(None, ["model.depth"])
     with pytest.raises(ConfigError, match="model: expected a mapping, got 5"):
         load_config(None, ["model=5"])
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    # issue 13 item 10: an override that is not YAML gave a traceback
+    ("", ["model.depth=[50"], "override 'model.depth=[50': the value is not valid YAML"),
+    # issue 13 item 12
+    ("train: {lr: 0.1}\ntrain: {epochs: 3}\n", [], "not valid YAML: key 'train' is given twice"),
+    ("model: {depth: 50, depth: 101}\n", [], "not valid YAML: key 'depth' is given twice"),
+    ("\n# nothing but a comment\n", [], "the config file is empty"),
+    ("", ["train.run_name=../elsewhere"], "train.run_name: got '../elsewhere', expected a folder name"),
+    ("", ["train.run_name=.."], "train.run_name: got '..', expected a folder name"),
+])
+def test_mistakes_in_files_and_overrides_are_named(tmp_path, text, overrides, message):
+    file = write(tmp_path, text or "seed: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(file, overrides)
+    assert message in str(err.value)
 
 
 def test_flatten_gives_dotted_keys_for_every_leaf():

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -113,10 +114,11 @@ def test_round_trip_video_to_shard_to_frames(videos, tmp_path):
         listed = subprocess.run(["tar", "tf", str(path)], capture_output=True, text=True, check=True)
         index = json.loads((out / fmt.index_name(path.name)).read_text())
         assert index["format"] == fmt.INDEX_FORMAT and index["tar_size"] == path.stat().st_size
-        assert [name for name, _, _ in index["members"]] == listed.stdout.split()
+        assert [name for name, _, _, _ in index["members"]] == listed.stdout.split()
         with tarfile.open(path) as tar:
-            for (name, offset, size), member in zip(index["members"], tar.getmembers(), strict=True):
+            for (name, offset, size, crc), member in zip(index["members"], tar.getmembers(), strict=True):
                 assert (name, offset, size) == (member.name, member.offset_data, member.size)
+                assert crc == zlib.crc32(tar.extractfile(member).read())
 
 
 def test_rerun_on_complete_output_does_nothing(videos, tmp_path, capsys):
@@ -131,6 +133,48 @@ def test_rerun_on_complete_output_does_nothing(videos, tmp_path, capsys):
     # Other settings on the same output are refused instead of mixing two kinds of shards.
     with pytest.raises(ShardsError, match="other settings"):
         make_shards(load_config(None, small_overrides(videos, out, "shards.jpeg_quality=70")))
+
+
+def test_an_edited_source_list_is_refused_instead_of_keeping_old_labels(videos, tmp_path, capsys):
+    """issue 13 item 5: a re-run after editing the CSV said "nothing to do" and kept shards with
+    the old labels. The shard folder records a digest of its source list."""
+    files = sorted(videos.rglob("v_*.avi"))[:4]
+    listing = tmp_path / "list.csv"
+
+    def write_list(labels):
+        rows = zip(files, labels, ["train", "train", "test", "test"])
+        listing.write_text("path,label,split\n" + "".join(f"{f},{l},{s}\n" for f, l, s in rows))
+
+    out = tmp_path / "shards"
+    cfg = load_config(None, small_overrides(videos, out, "dataset.kind=csv", f"dataset.csv={listing}"))
+    write_list(["walk", "run", "walk", "run"])
+    manifest = make_shards(cfg)
+    assert manifest["params"]["sources"].startswith("sha256:")
+    capsys.readouterr()
+    make_shards(cfg)
+    assert "nothing to do" in capsys.readouterr().out  # unchanged: still nothing to do
+    write_list(["run", "walk", "walk", "run"])
+    with pytest.raises(ShardsError, match=r"the source list \(CSV, split files or video folders\) "
+                                          r"changed since .* was made"):
+        make_shards(cfg)
+
+
+def test_invalid_json_in_the_manifest_or_a_progress_file_is_named(videos, tmp_path, capsys):
+    """issue 13 item 10: both gave a JSONDecodeError traceback without the file's name."""
+    from pipelines.shard_format import read_manifest
+
+    out = tmp_path / "shards"
+    cfg = load_config(None, small_overrides(videos, out))
+    make_shards(cfg)
+    (out / "manifest.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match=rf"{out}/manifest.json: not valid JSON"):
+        read_manifest(out)
+    make_shards(cfg)  # the shards are all there: the manifest is written again
+    assert "rewriting" in capsys.readouterr().out and read_manifest(out)["splits"]
+    (out / "manifest.json").unlink()
+    (out / "progress-p000.json").write_text("{not json")
+    with pytest.raises(ShardsError, match=rf"{out}/progress-p000.json: not valid JSON .*delete it"):
+        make_shards(cfg)
 
 
 def test_corrupt_truncated_and_empty_videos_are_skipped_and_reported(videos, tmp_path, capsys):

@@ -128,6 +128,16 @@ def test_csv_source(tmp_path):
         ("a", 1, "train"), ("b_v2", 0, "test"), ("a_2", 0, "train")]
 
 
+def test_csv_source_with_a_byte_order_mark_reads_its_header_as_a_header(tmp_path):
+    """issue 13 item 12: Excel's "CSV UTF-8" starts with a BOM; "\ufeffpath" was read as data."""
+    (tmp_path / "a.mp4").touch()
+    listing = tmp_path / "list.csv"
+    listing.write_bytes("path,label,split\na.mp4,walk,train\n".encode("utf-8-sig"))
+    index = csv_source(listing)
+    assert index.classes == ["walk"]
+    assert [(e.video_id, e.split) for e in index.entries] == [("a", "train")]
+
+
 def test_csv_source_lists_every_bad_row_and_missing_file(tmp_path):
     listing = tmp_path / "list.csv"
     listing.write_text("x.mp4,walk\ny.mp4,run,test\nonly-a-path\nz.mp4,run,train,extra\n")

@@ -85,7 +85,8 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     assert run.data.params["train.global_batch_size"] == "22"
     assert "git_commit" in run.data.tags
     for key in ("loss", "accuracy", "lr", "clips_per_second", "data_wait_fraction",
-                "val_fused_top1", "val_appearance_top5", "val_motion_top1"):
+                "val_fused_top1", "val_appearance_top5", "val_motion_top1",
+                "skipped_samples", "val_skipped_views"):  # issue 13 item 4: skips are counted
         assert key in run.data.metrics, key
 
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
@@ -202,6 +203,64 @@ def test_evaluate_command_on_checkpoint_and_registered_model(workspace, straight
 def test_existing_run_name_is_not_reused_without_resume(workspace, straight):
     with pytest.raises(PreflightError, match=r"run named 'straight' already exists.*train.resume=true"):
         run_training(tiny(workspace, "train.run_name=straight"))
+
+
+def test_a_failed_registration_fails_the_command_and_a_resume_registers(workspace, capsys):
+    """issue 13 item 1: a registry failure after training used to be retried by Ray, skipped on
+    the retry (the run was finished) and exit 0 with nothing registered."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    root, overrides = workspace
+    db = root / "broken-registry.db"
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    client.search_experiments()  # creates the schema
+    with sqlite3.connect(db) as con:  # tracking works, the model registry does not
+        con.execute("ALTER TABLE registered_models RENAME TO registered_models_away")
+    argv = ["--config", str(TINY), *overrides, f"tracking.uri={uri}", "train.epochs=1",
+            "train.validate_every=12", "train.run_name=unregistered"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training finished but the final model was not registered as stresnet-synthetic@current" in err
+    assert "train.run_name=unregistered train.resume=true to register it" in err
+    (run,) = client.search_runs(client.get_experiment_by_name("stresnet-synthetic").experiment_id)
+    assert run.info.status == "FAILED"
+
+    with sqlite3.connect(db) as con:  # the registry is back: resuming registers, no new steps
+        con.execute("ALTER TABLE registered_models_away RENAME TO registered_models")
+    assert main(argv + ["train.resume=true"]) == 0
+    version = client.get_model_version_by_alias("stresnet-synthetic", "current")
+    assert version.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert not (root / "runs" / "unregistered" / "registration_failed").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_keeps_its_checkpoint_and_registers_nothing(workspace, capsys):
+    """issue 13 item 6: a diverging run used to finish with exit 0 and register its NaN model."""
+    from mlflow import MlflowClient
+
+    root, overrides = workspace
+    uri = f"sqlite:///{root}/diverged.db"
+    # One step per epoch; the first step's update (lr 1e38) overflows the weights.
+    argv = ["--config", str(TINY), *overrides, f"tracking.uri={uri}", "train.epochs=4",
+            "train.validate_every=12", "train.checkpoint_every=1", "train.lr=1.0e+38",
+            "train.run_name=diverged"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    match = re.search(r"training loss (nan|inf) at step (\d+) .*registered no model", err)
+    assert match, err
+    step = int(match.group(2))
+    assert step >= 2
+    run_dir = root / "runs" / "diverged"
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+    assert kept and kept[-1] == f"checkpoint_{step - 1:07d}"  # the last finite step's, kept
+    assert not (run_dir / "registration_failed").exists()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("stresnet-synthetic").experiment_id)
+    assert run.info.status == "FAILED"
+    assert client.search_registered_models() == []
 
 
 # Two steps per epoch (6 clips x 2 workers per step), 3 epochs: checkpoints after steps 2, 3

@@ -44,7 +44,7 @@ def build_loader(
         # subMedian), so this centring is the CPU loader's for now.
         raise ValueError("sampling.flow_center 'median' is supported by data.backend 'cpu' only "
                          "(the median is taken over the whole frame before cropping)")
-    index = ShardIndex(cfg.data.shards, split)
+    index = ShardIndex(cfg.data.shards, split, cfg.data.max_damaged_fraction)
     source = ClipSource(cfg, index, whole_video)
     if train:
         batch_size, frames = cfg.data.batch_size_per_worker, cfg.sampling.train_positions

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from pipelines.loaders.schedule import ClipRequest
-from pipelines.loaders.shard_reader import SampleError, ShardIndex, check_jpeg, clip_member_names
+from pipelines.loaders.shard_reader import (
+    DamagedShardsError, SampleError, ShardIndex, check_damaged, check_jpeg, clip_member_names,
+)
 from stresnet.config import RunConfig
 from stresnet.sampling import ClipPlan, eval_plan, eval_views, train_plan
 
@@ -51,6 +53,9 @@ class ClipSource:
         self.use_flow = cfg.model.mode != "appearance"
         self.whole_video = whole_video
         self.index = index
+        self.max_damaged_fraction = cfg.data.max_damaged_fraction
+        # Samples found damaged only when read (corrupt member, CRC mismatch), by this process.
+        self.damaged_on_read: set[int] = set()
 
     def num_views(self) -> int:
         size = self.sampling.input_size  # the number of views does not depend on the frame size
@@ -106,19 +111,30 @@ class ClipSource:
                 return build(clip)
             except (SampleError, cv2.error) as err:
                 skipped += 1
+                self._count_damaged(index, err)
                 if not request.train:
                     log.warning("skipping test sample %d view %d: %s", index, request.view, err)
                     raise SampleError(str(err)) from None
                 if skipped > MAX_SUBSTITUTES:
-                    raise RuntimeError(
+                    raise DamagedShardsError(
                         f"{self.index.folder}: {skipped} damaged samples in a row from sample "
-                        f"{request.index}; last error: {err}"
+                        f"{request.index} of split {self.index.split!r}; last error: {err}"
                     ) from None
                 substitute = (index + 1) % len(self.index)
                 log.warning(
                     "skipping sample %d (%s); using sample %d instead", index, err, substitute
                 )
                 index = substitute
+
+    def _count_damaged(self, index: int, err: Exception) -> None:
+        """The skip policy at read time: samples damaged when indexed plus those found damaged
+        since, against ``data.max_damaged_fraction`` of the split."""
+        if self.index.samples[index] is None or index in self.damaged_on_read:
+            return
+        self.damaged_on_read.add(index)
+        check_damaged(self.index.unreadable + len(self.damaged_on_read), len(self.index),
+                      self.max_damaged_fraction, f"{self.index.folder}: split {self.index.split!r}",
+                      f"damaged (the latest: sample {index}, {err})")
 
 
 def decode_clip(

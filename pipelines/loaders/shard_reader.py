@@ -12,8 +12,11 @@ unreadable JSON), is read by ``scan_tar_members``, a minimal tar header scan.
 
 Damaged input is recorded, not fatal: a truncated or corrupt shard keeps the samples before the
 damage, and samples the manifest promises but the tar lacks are ``None``; reading them raises
-``SampleError``, which the loaders count and skip. Nothing here loops on malformed bytes: every
-step of the header scan moves forward by at least one 512-byte block.
+``SampleError``, which the loaders count and skip. Index files carry each member's CRC-32: a
+member whose bytes changed since the shard was written raises ``SampleError`` too (a shard read
+by its headers has no checksums: damage inside its members' data shows only where the JPEG
+decoder notices it). Nothing here loops on malformed bytes: every step of the header scan moves
+forward by at least one 512-byte block.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import gc
 import json
 import logging
 import os
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +41,10 @@ class SampleError(Exception):
     """One sample cannot be used (missing member, corrupt JPEG, truncated shard)."""
 
 
+class DamagedShardsError(ValueError):
+    """More of a split is damaged than ``data.max_damaged_fraction`` allows."""
+
+
 class ShardIndexError(ValueError):
     """A shard's index file cannot be used for its tar (the tar is then scanned instead)."""
 
@@ -47,8 +55,9 @@ FRAME_KINDS = ("rgb", "flow_x", "flow_y")
 
 @dataclass
 class SampleRef:
-    """Where one video's members are in ``path``: ``members[k, i] = (offset, size)`` of frame
-    ``i`` of kind ``FRAME_KINDS[k]`` (``rgb.{i:05d}.jpg``, ...); -1 where there is none."""
+    """Where one video's members are in ``path``: ``members[k, i] = (offset, size, crc32)`` of
+    frame ``i`` of kind ``FRAME_KINDS[k]`` (``rgb.{i:05d}.jpg``, ...); offset -1 where there is
+    none, crc32 -1 where it is not known (no index file)."""
 
     path: str
     key: str
@@ -57,25 +66,32 @@ class SampleRef:
     num_frames: int
     height: int
     width: int
-    members: np.ndarray  # (len(FRAME_KINDS), frames, 2) int64
+    members: np.ndarray  # (len(FRAME_KINDS), frames, 3) int64
 
-    def locate(self, name: str) -> tuple[int, int] | None:
-        """(offset, size) of member ``name`` such as ``flow_x.00012.jpg``, None if absent."""
+    def locate(self, name: str) -> tuple[int, int, int] | None:
+        """(offset, size, crc32 or -1) of member ``name`` such as ``flow_x.00012.jpg``, None if
+        absent."""
         kind, _, rest = name.partition(".")
         number = rest.partition(".")[0]
-        if kind not in FRAME_KINDS or not number.isdigit():
+        if kind not in FRAME_KINDS or not _is_number(number):
             return None
         i = int(number)
         if i >= self.members.shape[1] or self.members[FRAME_KINDS.index(kind), i, 0] < 0:
             return None
-        offset, size = self.members[FRAME_KINDS.index(kind), i]
-        return int(offset), int(size)
+        offset, size, crc = self.members[FRAME_KINDS.index(kind), i]
+        return int(offset), int(size), int(crc)
 
 
 class ShardIndex:
-    """The samples of one split in manifest order (shard order, then tar order)."""
+    """The samples of one split in manifest order (shard order, then tar order).
 
-    def __init__(self, folder: str | Path, split: str):
+    Samples that cannot be read (a listed shard that is missing, the part of a shard past its
+    damage, a sample without readable json or first frame) are ``None``, each shard with a
+    warning. With ``max_damaged_fraction``, more of them than that fraction of the split raises
+    ``DamagedShardsError`` (the skip policy, docs/reliability.md).
+    """
+
+    def __init__(self, folder: str | Path, split: str, max_damaged_fraction: float | None = None):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         splits = manifest.get("splits", {})
@@ -87,22 +103,35 @@ class ShardIndex:
         self.split = split
         self.classes: list[str] = list(manifest.get("classes", []))
         self.samples: list[SampleRef | None] = []
+        self.damaged_shards: list[str] = []  # shard names with unreadable samples
         with _cyclic_gc_paused():
             self._add_shards(splits[split]["shards"])
+        self.unreadable = sum(ref is None for ref in self.samples)
+        if max_damaged_fraction is not None:
+            check_damaged(self.unreadable, len(self.samples), max_damaged_fraction,
+                          f"{self.folder}: split {split!r}", "unreadable when indexed",
+                          self.damaged_shards)
 
     def _add_shards(self, shards: list[dict]) -> None:
         for shard in shards:
             path = self.folder / shard["name"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
-            found = _index_shard(path)
             expected = int(shard["samples"])
+            if not path.is_file():
+                log.warning("%s: shard listed in the manifest is missing; its %d samples are "
+                            "skipped", path, expected)
+                self.samples += [None] * expected
+                self.damaged_shards.append(shard["name"])
+                continue
+            found = _index_shard(path)
             if len(found) < expected:
                 log.warning(
                     "%s: manifest lists %d samples, the tar holds %d; the rest are skipped",
                     path, expected, len(found),
                 )
-            self.samples += found[:expected] + [None] * (expected - len(found))
+            found = found[:expected] + [None] * (expected - len(found))
+            if None in found:
+                self.damaged_shards.append(shard["name"])
+            self.samples += found
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -125,13 +154,32 @@ class ShardIndex:
         out: dict[str, bytes] = {}
         with open(ref.path, "rb") as f:
             for name in sorted(where, key=lambda n: where[n][0]):
-                offset, size = where[name]
+                offset, size, crc = where[name]
                 f.seek(offset)
                 data = f.read(size)
                 if len(data) != size:
                     raise SampleError(f"{ref.path}: member {ref.key}.{name} is truncated")
+                if crc >= 0 and zlib.crc32(data) != crc:
+                    raise SampleError(
+                        f"{ref.path}: member {ref.key}.{name} is corrupt (CRC-32 differs from "
+                        "the index file's)"
+                    )
                 out[name] = data
         return out
+
+
+def check_damaged(damaged: int, total: int, max_fraction: float, where: str, how: str,
+                  shards: list[str] = ()) -> None:
+    """The skip policy: ``DamagedShardsError`` when ``damaged`` of ``total`` samples is more
+    than ``max_fraction`` of them."""
+    if damaged and damaged > max_fraction * total:
+        named = f" (damaged or missing shards: {', '.join(shards[:5])}{', ...' if len(shards) > 5 else ''})" if shards else ""
+        raise DamagedShardsError(
+            f"{where}: {damaged} of {total} samples {how}{named}, more than "
+            f"data.max_damaged_fraction={max_fraction:g} allows; re-make the damaged shards with "
+            f"`stresnet shards` (delete them first), or raise data.max_damaged_fraction to train "
+            f"on the rest"
+        )
 
 
 @contextmanager
@@ -194,9 +242,10 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def read_index_file(index: Path, tar_size: int) -> list[tuple[str, int, int]]:
-    """The members listed in index file ``index``, checked against the tar's size
-    ``tar_size``; ``ShardIndexError`` naming the file and the problem when they cannot be used."""
+def read_index_file(index: Path, tar_size: int) -> list[tuple[str, int, int, int]]:
+    """The members (name, data offset, size, crc32 or -1 in an index without checksums) listed
+    in index file ``index``, checked against the tar's size ``tar_size``; ``ShardIndexError``
+    naming the file and the problem when they cannot be used."""
     try:
         data = json.loads(index.read_bytes())
     except (OSError, ValueError) as err:
@@ -215,8 +264,10 @@ def read_index_file(index: Path, tar_size: int) -> list[tuple[str, int, int]]:
     out, end = [], 0
     for entry in members:
         try:
-            name, offset, size = entry
-            ok = isinstance(name, str) and type(offset) is int and type(size) is int  # noqa: E721
+            name, offset, size, *crc = entry
+            crc = crc[0] if len(crc) == 1 else (-1 if not crc else None)
+            ok = (isinstance(name, str) and type(offset) is int and type(size) is int  # noqa: E721
+                  and type(crc) is int and -1 <= crc < 2**32)  # noqa: E721
         except (TypeError, ValueError):
             ok = False
         if not ok:
@@ -228,7 +279,7 @@ def read_index_file(index: Path, tar_size: int) -> list[tuple[str, int, int]]:
                 f"{tar_size}-byte tar or overlaps the previous member"
             )
         end = offset + size
-        out.append((name, offset, size))
+        out.append((name, offset, size, crc))
     return out
 
 
@@ -248,20 +299,22 @@ def _index_shard(path: Path) -> list[SampleRef | None]:
     return _samples(path, members, None)
 
 
-def _samples(path: Path, members: list[tuple[str, int, int]], index: Path | None) -> list:
+def _samples(path: Path, members: list[tuple], index: Path | None) -> list:
     """Group ``members`` by sample key and read each sample's json and first-frame header.
     With ``index`` (the members came from that index file) the tar header in front of each json
     member is checked too: a cheap proof that the index describes this tar."""
-    groups: dict[str, dict] = {}  # key -> {"json": (offset, size), "frames": [(k, i, off, size)]}
-    for name, offset, size in members:
+    # key -> {"json": (offset, size, crc), "frames": [(k, i, offset, size, crc)]}
+    groups: dict[str, dict] = {}
+    for name, offset, size, *crc in members:  # (name, offset, size[, crc32])
+        crc = crc[0] if crc else -1
         key, _, suffix = name.rpartition("/")[2].partition(".")
         group = groups.setdefault(key, {"json": None, "frames": []})
         kind, _, rest = suffix.partition(".")
         number = rest.partition(".")[0]
         if suffix == "json":
-            group["json"] = (offset, size)
-        elif kind in FRAME_KINDS and number.isdigit():
-            group["frames"].append((FRAME_KINDS.index(kind), int(number), offset, size))
+            group["json"] = (offset, size, crc)
+        elif kind in FRAME_KINDS and _is_number(number):
+            group["frames"].append((FRAME_KINDS.index(kind), int(number), offset, size, crc))
 
     samples: list[SampleRef | None] = []
     with open(path, "rb") as f:
@@ -274,7 +327,7 @@ def _sample(path: Path, f, key: str, group: dict, index: Path | None) -> SampleR
     if group["json"] is None:
         log.warning("%s: sample %s has no json member; skipped", path, key)
         return None
-    offset, size = group["json"]
+    offset, size, crc = group["json"]
     f.seek(offset - 512 if index else offset)
     data = f.read(size + 512 if index else size)
     if index:
@@ -283,16 +336,19 @@ def _sample(path: Path, f, key: str, group: dict, index: Path | None) -> SampleR
             raise ShardIndexError(
                 f"{index}: no tar header for {key}.json before byte {offset} (the index is not this tar's)"
             )
+    if crc >= 0 and zlib.crc32(data) != crc:
+        log.warning("%s: sample %s has a corrupt json member (CRC-32 differs); skipped", path, key)
+        return None
     try:
         meta = json.loads(data)
         label, num_frames = int(meta["label"]), int(meta["num_frames"])
     except (ValueError, KeyError, TypeError) as err:
         log.warning("%s: sample %s has unreadable json (%s); skipped", path, key, err)
         return None
-    frames = max([i for _, i, _, _ in group["frames"]], default=-1) + 1
-    table = np.full((len(FRAME_KINDS), frames, 2), -1, dtype=np.int64)
-    for k, i, offset, size in group["frames"]:
-        table[k, i] = offset, size
+    frames = max([i for _, i, _, _, _ in group["frames"]], default=-1) + 1
+    table = np.full((len(FRAME_KINDS), frames, 3), -1, dtype=np.int64)
+    for k, i, offset, size, crc in group["frames"]:
+        table[k, i] = offset, size, crc
     # The frame size comes from the first frame's JPEG header: it is what the crops are cut
     # from, whatever the json says about the source video.
     jpeg_size = None
@@ -364,6 +420,11 @@ def scan_tar_members(path: Path) -> tuple[list[tuple[str, int, int]], str | None
                 members.append((name.decode(errors="replace"), data, size))
     finally:
         os.close(fd)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also accepts e.g. ``"²"``, which ``int`` rejects)."""
+    return text.isascii() and text.isdigit()
 
 
 def _octal(field: bytes) -> int | None:

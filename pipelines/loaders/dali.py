@@ -38,6 +38,7 @@ import mmap
 import os
 import tempfile
 import weakref
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,7 +224,7 @@ def _read_fast(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead | 
         if source.use_rgb:
             tables["rgb"].append(table[0, positions])
         if source.use_flow:  # per position x1, y1, x2, y2, ...
-            tables["flow"].append(table[1:3, fields].transpose(1, 0, 2).reshape(-1, 2))
+            tables["flow"].append(table[1:3, fields].transpose(1, 0, 2).reshape(-1, table.shape[2]))
         refs.append(ref)
         plans.append(plan)
     where = np.concatenate([t for per_clip in tables.values() for t in per_clip])
@@ -235,6 +236,11 @@ def _read_fast(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead | 
     jpegs = np.empty((len(where), _align(int(where[:, 1].max()))), dtype=np.uint8)
     if not _read_members([refs[c].path for c in clip.tolist()], where, jpegs):
         return None
+    # The index files' checksums (absent: -1): a member whose bytes changed is damaged, and the
+    # whole batch goes through the reference path, which skips and counts it.
+    for row, (size, crc) in enumerate(where[:, 1:3].tolist()):
+        if crc >= 0 and zlib.crc32(jpegs[row, :size]) != crc:
+            return None
     heights = np.array([r.height for r in refs])[clip]
     widths = np.array([r.width for r in refs])[clip]
     if not check_packed(jpegs, where[:, 1], heights, widths).all():

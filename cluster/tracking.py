@@ -4,13 +4,14 @@ Ray Train has no MLflow callback for its current API, so world rank 0 logs from 
 training function (``cluster/train.py``). The MLflow run id travels in every checkpoint's
 ``train_state.pt``; a resumed run re-opens the same MLflow run instead of starting a new one.
 
-The final model is logged with ``mlflow.pytorch`` as a ``stresnet.serving.ServingModel`` (one
-packed input tensor in, one tensor of per-stream scores out, which is what MLflow's pyfunc serving
-supports),
-registered under a model name per dataset and pointed to by an alias. The plain weights file
-(``model.pt``, the checkpoint format) travels inside the logged model as ``extra_files/model.pt``,
-so a later stage can start from ``models:/NAME@ALIAS`` without unpickling code
-(:func:`fetch_registered_weights`).
+The final model is logged as an MLflow pyfunc *from code* (``cluster/pyfunc_model.py``): a
+``stresnet.serving.ServingModel`` (one packed input tensor in, one tensor of per-stream scores
+out, which is what MLflow's pyfunc serving supports) built from the plain weights file
+(``model.pt``, the checkpoint format) that travels inside the logged model as
+``artifacts/model.pt``. Nothing in it is pickled: loading runs only the stresnet code logged with
+it and ``torch.load(weights_only=True)``. It is registered under a model name per dataset and
+pointed to by an alias; a later stage or ``stresnet evaluate``/``predict`` reads just the weights
+file (:func:`fetch_registered_weights`).
 
 The driver creates the experiment (:func:`ensure_experiment`) before any worker starts: MLflow
 would otherwise give it an artifact folder relative to the creating process's working directory,
@@ -39,7 +40,10 @@ from stresnet.checkpoint import MODEL_FILE, save_model_file
 from stresnet.config import RunConfig, dump_config, flatten, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS_ARTIFACT = f"extra_files/{MODEL_FILE}"  # inside a logged model: the checkpoint-format weights
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # the registered model's code
+# Inside a logged model: the checkpoint-format weights; models logged before the pickle-free
+# format carry them as extra_files/model.pt.
+WEIGHTS_ARTIFACTS = (f"artifacts/{MODEL_FILE}", f"extra_files/{MODEL_FILE}")
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 RAY_SESSION = re.compile(r"/session_(\d{4}-|latest\b)")  # Ray's per-session temp folders
 
@@ -207,10 +211,6 @@ def start_run(
     return run.info.run_id
 
 
-# Models logged before stresnet/serving.py existed pickled this name; keep them loadable.
-ServingModel = serving.ServingModel
-
-
 def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
     """Log the model to the active MLflow run, register it, point the alias at it.
 
@@ -231,21 +231,21 @@ def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
     )
     name = registered_model_name(cfg)
     with tempfile.TemporaryDirectory() as folder:
-        # The checkpoint-format weights beside the pickled model: what a later stage starts
-        # from (torch.load(weights_only=True), no code runs on loading).
+        # Models from code: MLflow stores cluster/pyfunc_model.py as source, not a pickle, and
+        # that code builds the network from the checkpoint-format weights with
+        # torch.load(weights_only=True). The same file is what a later stage starts from.
         weights = save_model_file(Path(folder) / MODEL_FILE, served.model.state_dict(), to_dict(cfg))
-        info = mlflow.pytorch.log_model(
-            served,
+        info = mlflow.pyfunc.log_model(
             name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={MODEL_FILE: str(weights)},  # pyfunc_model.WEIGHTS
             signature=signature,
             input_example=example,
             registered_model_name=name,
-            # The pickled model refers to stresnet's classes only; ship that package with it.
-            serialization_format="pickle",  # torch.export (pt2) would fix the example's shapes
             code_paths=[str(REPO / "stresnet")],
             # Skip MLflow's requirement inference (it imports the model in a subprocess: slow).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml"],
-            extra_files=[str(weights)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml",
+                              f"mlflow=={mlflow.__version__}"],
         )
     mlflow.MlflowClient().set_registered_model_alias(
         name, cfg.tracking.alias, info.registered_model_version
@@ -280,15 +280,19 @@ def fetch_registered_weights(uri: str, tracking_uri: str, destination: Path) -> 
         raise TrackingError(f"{uri}: not in the model registry at {tracking_uri} ({err.message})") from None
     destination.parent.mkdir(parents=True, exist_ok=True)  # only now: a bad URI leaves nothing
     with tempfile.TemporaryDirectory(dir=destination.parent) as folder:
-        try:
-            file = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{source.rstrip('/')}/{WEIGHTS_ARTIFACT}", dst_path=folder
-            )
-        except MlflowException:
+        for artifact in WEIGHTS_ARTIFACTS:
+            try:
+                file = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{source.rstrip('/')}/{artifact}", dst_path=folder
+                )
+                break
+            except MlflowException:
+                continue
+        else:
             raise TrackingError(
-                f"{uri}: version {version} has no {WEIGHTS_ARTIFACT} (not logged by this version "
-                f"of stresnet?); start from its training run's checkpoint folder instead"
-            ) from None
+                f"{uri}: version {version} has no {WEIGHTS_ARTIFACTS[0]} (not logged by this "
+                f"version of stresnet?); start from its training run's checkpoint folder instead"
+            )
         os.replace(file, destination)  # whole or not at all: a resumed run reuses it
     return f"models:/{name}/{version}"
 

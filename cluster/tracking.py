@@ -211,8 +211,10 @@ def start_run(
     return run.info.run_id
 
 
-def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
-    """Log the model to the active MLflow run, register it, point the alias at it.
+def log_final_model(model: nn.Module, cfg: RunConfig, shards: dict | None = None) -> str:
+    """Log the model to the active MLflow run, register it, point the alias at it. ``shards``:
+    the training shards' class names and parameters, kept in ``model.pt`` (see
+    ``stresnet.checkpoint``).
 
     Returns the registry URI ``models:/<name>@<alias>``.
     """
@@ -234,7 +236,8 @@ def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
         # Models from code: MLflow stores cluster/pyfunc_model.py as source, not a pickle, and
         # that code builds the network from the checkpoint-format weights with
         # torch.load(weights_only=True). The same file is what a later stage starts from.
-        weights = save_model_file(Path(folder) / MODEL_FILE, served.model.state_dict(), to_dict(cfg))
+        weights = save_model_file(Path(folder) / MODEL_FILE, served.model.state_dict(), to_dict(cfg),
+                                  shards)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),

@@ -160,9 +160,16 @@ def save(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sta
                 "mlflow_run_id": state.mlflow_run_id,
             }
             attached = ray.train.Checkpoint.from_directory(
-                save_checkpoint(folder, model, to_dict(cfg), train_state))
+                save_checkpoint(folder, model, to_dict(cfg), train_state, shard_info(cfg)))
         ray.train.report(metrics, checkpoint=attached,
                          checkpoint_dir_name=f"checkpoint_{state.global_step:07d}")
+
+
+def shard_info(cfg: RunConfig) -> dict:
+    """The training shards' class names and creation parameters, saved beside the weights."""
+    from pipelines.shard_format import model_shard_info, read_manifest
+
+    return model_shard_info(read_manifest(cfg.data.shards))
 
 
 def validate(cfg: RunConfig, model: nn.Module, loader, worker: Worker, epoch: int, step: int,
@@ -272,7 +279,7 @@ def train_loop(loop_config: dict) -> None:
     if worker.rank == 0:
         finished = state.global_step >= cfg.train.epochs * steps_per_epoch
         if finished and session_steps:  # not again when relaunching a finished run
-            uri = tracking.log_final_model(model, cfg)
+            uri = tracking.log_final_model(model, cfg, shard_info(cfg))
             progress(f"registered the final model as {uri}")
         tracking.end_run()
 

@@ -53,6 +53,7 @@ class TrainResult:
     steps: int  # optimizer steps done in total
     metrics: dict  # the last reported metrics
     stopped: bool = False  # stopped early on request (SIGUSR1), checkpointed; resume to finish
+    experiment_id: str | None = None  # the MLflow experiment
 
 
 def connect_ray(cfg: RunConfig) -> str:
@@ -93,7 +94,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
     cfg, init_tags = fetch_registered_init(cfg, run_dir)
     address = connect_ray(cfg)
     # Here, not in a worker: the experiment's artifact location (see cluster/tracking.py).
-    run_tracking = tracking.prepare(cfg, address if cfg.cluster.address else None, init_tags)
+    tags = {**init_tags, **tracking.lineage_tags(cfg, init_tags, run_name)}
+    run_tracking = tracking.prepare(cfg, address if cfg.cluster.address else None, tags)
 
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
@@ -136,6 +138,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
         mlflow_run_id=state.get("mlflow_run_id"),
         steps=state.get("global_step", 0),
         metrics=dict(result.metrics or {}),
+        experiment_id=run_tracking.experiment_id,
         stopped=bool((result.metrics or {}).get("stopped_on_request")),
     )
 
@@ -169,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run:        {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"steps:      {result.steps}")
-    print(f"MLflow run: {result.mlflow_run_id} (tracking URI {absolute_paths(cfg).tracking.uri})")
+    uri = absolute_paths(cfg).tracking.uri
+    print(f"MLflow run: {result.mlflow_run_id} (tracking URI {uri})")
+    from cluster.tracking import run_links
+
+    runs, run = run_links(uri, result.experiment_id, result.mlflow_run_id)
+    if not uri.startswith(("http://", "https://")):
+        print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then")
+    print(f"  runs:     {runs}\n  this run: {run}")
     return 0
 
 

@@ -56,6 +56,9 @@ class TrainResult:
     experiment_id: str | None = None  # the MLflow experiment
 
 
+LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before giving up (see connect_ray)
+
+
 def connect_ray(cfg: RunConfig) -> str:
     """Start a local Ray (``cluster.address`` None) or join a running one; returns its address."""
     import ray
@@ -63,7 +66,7 @@ def connect_ray(cfg: RunConfig) -> str:
     if not ray.is_initialized():
         if cfg.cluster.address is None:
             needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-            ray.init(
+            options = dict(
                 # "local": always start this run's own Ray. With no address, ray.init joins the
                 # latest `ray start` cluster on the host, another user's or job's included.
                 address="local",
@@ -75,6 +78,17 @@ def connect_ray(cfg: RunConfig) -> str:
                 logging_config=ray.LoggingConfig(log_level="ERROR"),
                 dashboard_host=cfg.cluster.dashboard_host,
             )
+            for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+                try:
+                    ray.init(**options)
+                    break
+                except Exception as err:  # Ray raises a bare Exception for this
+                    # Ray gives its raylet a fixed 30 s to register; on a loaded host (another
+                    # run starting Ray at the same moment) that can pass. Start afresh.
+                    if "timed out during startup" not in str(err) or attempt == LOCAL_RAY_ATTEMPTS:
+                        raise
+                    ray.shutdown()
+                    progress(f"local Ray did not start in time (attempt {attempt}); retrying")
         else:
             ray.init(address=cfg.cluster.address)
     return ray.get_runtime_context().gcs_address

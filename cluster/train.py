@@ -78,6 +78,11 @@ def connect_ray(cfg: RunConfig) -> str:
                 logging_config=ray.LoggingConfig(log_level="ERROR"),
                 dashboard_host=cfg.cluster.dashboard_host,
             )
+            # Ray Train's preemption watcher follows node draining (autoscaled, preemptible
+            # clusters); a local Ray's only node is never drained, and the watcher's start
+            # prints an error line ("PreemptionWatcher ... max_restarts > 0") that is none.
+            # The workers Ray starts inherit this environment; a user's setting wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
                 try:
                     ray.init(**options)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from urllib.parse import quote
 from pathlib import Path
 
 import pytest
@@ -94,8 +95,9 @@ def test_runs_and_compare_pages_show_runs_dataset_and_metrics(tmp_path):
         runs_dom = render(browser, f"{base}/#/experiments/{eid}/runs?workflowType=machine_learning",
                           tmp_path / "ui-runs.png")
         (tmp_path / "ui-runs.html").write_text(runs_dom)
-        ids = json.dumps([runs[n] for n in names])
-        compare_dom = render(browser, f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([eid])}",
+        ids = quote(json.dumps([runs[n] for n in names], separators=(",", ":")))
+        experiments = quote(json.dumps([eid], separators=(",", ":")))
+        compare_dom = render(browser, f"{base}/#/compare-runs?runs={ids}&experiments={experiments}",
                              tmp_path / "ui-compare.png")
         (tmp_path / "ui-compare.html").write_text(compare_dom)
     finally:

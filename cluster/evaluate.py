@@ -19,18 +19,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cluster.tracking import TrackingError
 from stresnet.checkpoint import WeightsError
 from stresnet.config import ConfigError, RunConfig, add_config_arguments, config_from_args
 from stresnet.evaluate import collect_scores, family_table, save_report, video_report
 
 
 def load_registered_model(uri: str, tracking_uri: str) -> nn.Module:
-    """The two-input network inside a model logged by ``cluster.tracking.log_final_model``."""
-    import mlflow
+    """The two-input network of a model registered by ``cluster.tracking.log_final_model``: its
+    ``model.pt`` is downloaded and read with ``torch.load(weights_only=True)`` (no unpickling)."""
+    import tempfile
 
-    mlflow.set_tracking_uri(tracking_uri)
-    served = mlflow.pytorch.load_model(uri, map_location="cpu")
-    return served.model
+    from cluster.tracking import fetch_registered_weights
+    from stresnet.model import load_model
+
+    with tempfile.TemporaryDirectory() as folder:
+        weights = Path(folder) / "model.pt"
+        fetch_registered_weights(uri, tracking_uri, weights)
+        return load_model(weights)
 
 
 def evaluate_model(cfg: RunConfig, model: nn.Module) -> tuple[dict, dict[str, Path]]:
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         # The network's own config decides what the loader decodes (modalities, flow length).
         cfg = replace(cfg, model=model.cfg)
         report, files = evaluate_model(cfg, model)
-    except (ConfigError, FileNotFoundError, ValueError, WeightsError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, WeightsError, TrackingError) as err:
         print(f"stresnet evaluate: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

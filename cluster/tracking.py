@@ -4,13 +4,14 @@ Ray Train has no MLflow callback for its current API, so world rank 0 logs from 
 training function (``cluster/train.py``). The MLflow run id travels in every checkpoint's
 ``train_state.pt``; a resumed run re-opens the same MLflow run instead of starting a new one.
 
-The final model is logged with ``mlflow.pytorch`` as a ``stresnet.serving.ServingModel`` (one
-packed input tensor in, one tensor of per-stream scores out, which is what MLflow's pyfunc serving
-supports),
-registered under a model name per dataset and pointed to by an alias. The plain weights file
-(``model.pt``, the checkpoint format) travels inside the logged model as ``extra_files/model.pt``,
-so a later stage can start from ``models:/NAME@ALIAS`` without unpickling code
-(:func:`fetch_registered_weights`).
+The final model is logged as an MLflow pyfunc *from code* (``cluster/pyfunc_model.py``): a
+``stresnet.serving.ServingModel`` (one packed input tensor in, one tensor of per-stream scores
+out, which is what MLflow's pyfunc serving supports) built from the plain weights file
+(``model.pt``, the checkpoint format) that travels inside the logged model as
+``artifacts/model.pt``. Nothing in it is pickled: loading runs only the stresnet code logged with
+it and ``torch.load(weights_only=True)``. It is registered under a model name per dataset and
+pointed to by an alias; a later stage or ``stresnet evaluate``/``predict`` reads just the weights
+file (:func:`fetch_registered_weights`).
 
 The driver creates the experiment (:func:`ensure_experiment`) before any worker starts: MLflow
 would otherwise give it an artifact folder relative to the creating process's working directory,
@@ -39,8 +40,14 @@ from stresnet.checkpoint import MODEL_FILE, save_model_file
 from stresnet.config import RunConfig, dump_config, flatten, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
-WEIGHTS_ARTIFACT = f"extra_files/{MODEL_FILE}"  # inside a logged model: the checkpoint-format weights
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # the registered model's code
+# Inside a logged model: the checkpoint-format weights; models logged before the pickle-free
+# format carry them as extra_files/model.pt.
+WEIGHTS_ARTIFACTS = (f"artifacts/{MODEL_FILE}", f"extra_files/{MODEL_FILE}")
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+# The MLflow UI (3.x) opens an experiment in its GenAI mode unless the experiment says it is for
+# model training; the runs page's model-training mode is also selected by URL (run_links).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RAY_SESSION = re.compile(r"/session_(\d{4}-|latest\b)")  # Ray's per-session temp folders
 
 
@@ -118,12 +125,16 @@ def ensure_experiment(cfg: RunConfig) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location(cfg))
+            return client.create_experiment(name, artifact_location=artifact_location(cfg),
+                                            tags=EXPERIMENT_KIND)
         except MlflowException:
             # Two jobs starting at once (e.g. both base streams): the other one created it.
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
                 raise
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:  # created by an older stresnet; a user's choice stays
+            client.set_experiment_tag(experiment.experiment_id, key, value)
     if RAY_SESSION.search(experiment.artifact_location):
         warnings.warn(
             f"MLflow experiment {name!r} keeps its artifacts in a Ray session folder "
@@ -204,15 +215,110 @@ def start_run(
     run = mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system)
     mlflow.log_params(flatten(cfg))
     mlflow.log_text(dump_config(cfg), "config.yaml")
+    log_shards_input(cfg.data.shards)
     return run.info.run_id
 
 
-# Models logged before stresnet/serving.py existed pickled this name; keep them loadable.
-ServingModel = serving.ServingModel
+def shards_dataset(folder: str) -> tuple[Any, dict[str, str]]:
+    """The shards as an MLflow dataset (name, digest of the manifest, source folder) and the tags
+    of the run's input (videos per split, number of classes)."""
+    import hashlib
+    import json
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from pipelines.shard_format import MANIFEST, read_manifest
+
+    manifest = read_manifest(folder)
+    # Everything but the creation time: shards remade with the same content keep their digest.
+    content = {k: v for k, v in manifest.items() if k != "created"}
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": it is a local folder
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(folder))
+    name = f"{manifest['dataset']}-shards"
+    tags = {f"{split}_videos": str(info["samples"]) for split, info in manifest["splits"].items()}
+    tags["classes"] = str(len(manifest["classes"]))
+    tags["manifest"] = str(Path(folder) / MANIFEST)
+    return MetaDataset(source, name=name, digest=digest), tags
 
 
-def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
-    """Log the model to the active MLflow run, register it, point the alias at it.
+def log_shards_input(folder: str) -> None:
+    """Log the training shards as the run's dataset input (the UI's Dataset column and filter)."""
+    import mlflow
+
+    dataset, tags = shards_dataset(folder)
+    mlflow.log_input(dataset, context="training", tags=tags)
+
+
+def run_links(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> list[str]:
+    """Links that open the MLflow UI on the experiment's training runs (model-training mode) and
+    on the run; for a database store, on the `mlflow ui` it would be served by."""
+    if tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri.rstrip("/")
+    else:
+        base = "http://127.0.0.1:5000"
+    links = [f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"]
+    if run_id:
+        links.append(f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning")
+    return links
+
+
+def lineage_tags(cfg: RunConfig, init_tags: dict[str, str], run_name: str) -> dict[str, str]:
+    """Tags linking the runs of one recipe (base streams -> stage 1 -> stage 2), for the UI's
+    filters and group-by:
+
+    * ``stresnet.stage``: ``base`` (single-stream modes) or ``stage N``, one more than the
+      latest stage among the runs whose weights this run starts from (``stage 1`` without any);
+    * ``stresnet.parents``: the MLflow run names this run's ``model.init`` weights come from;
+    * ``stresnet.lineage``: this run and every run before it in the recipe, so filtering with
+      ``tags.`stresnet.lineage` LIKE '%BASE_RUN%'`` shows a run and everything built on it.
+
+    A parent is found from a checkpoint's ``train_state.pt`` (its MLflow run id) or a registered
+    model version (``init_tags`` say which version a ``models:/`` URI resolved to).
+    """
+    import mlflow
+
+    from stresnet.checkpoint import checkpoint_file, load_train_state
+
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    parents = []
+    for key, path in cfg.model.init.files().items():
+        if key == "torchvision_weights" or not path:
+            continue
+        run_id = None
+        resolved = MODEL_URI.search(init_tags.get(f"model.init.{key}", "").split(" = ")[-1])
+        try:
+            if resolved and resolved["version"]:
+                run_id = client.get_model_version(resolved["name"], resolved["version"]).run_id
+            else:
+                run_id = load_train_state(checkpoint_file(path).parent).get("mlflow_run_id")
+            if run_id:
+                parents.append(client.get_run(run_id))
+        except Exception:  # noqa: BLE001 - lineage is best effort: a missing parent is no error
+            continue
+    if cfg.model.mode in ("appearance", "motion"):
+        stage = "base"
+    else:
+        numbers = [int(p.data.tags.get("stresnet.stage", "stage 0").split()[-1])
+                   for p in parents if p.data.tags.get("stresnet.stage", "").startswith("stage")]
+        stage = f"stage {max(numbers, default=0) + 1}"
+    lineage: list[str] = []
+    for parent in parents:
+        for name in parent.data.tags.get("stresnet.lineage", parent.info.run_name).split(","):
+            if name and name not in lineage:
+                lineage.append(name)
+    tags = {"stresnet.stage": stage, "stresnet.lineage": ",".join([*lineage, run_name])}
+    if parents:
+        tags["stresnet.parents"] = ",".join(p.info.run_name for p in parents)
+    return tags
+
+
+def log_final_model(model: nn.Module, cfg: RunConfig, shards: dict | None = None) -> str:
+    """Log the model to the active MLflow run, register it, point the alias at it. ``shards``:
+    the training shards' class names and parameters, kept in ``model.pt`` (see
+    ``stresnet.checkpoint``).
 
     Returns the registry URI ``models:/<name>@<alias>``.
     """
@@ -231,21 +337,22 @@ def log_final_model(model: nn.Module, cfg: RunConfig) -> str:
     )
     name = registered_model_name(cfg)
     with tempfile.TemporaryDirectory() as folder:
-        # The checkpoint-format weights beside the pickled model: what a later stage starts
-        # from (torch.load(weights_only=True), no code runs on loading).
-        weights = save_model_file(Path(folder) / MODEL_FILE, served.model.state_dict(), to_dict(cfg))
-        info = mlflow.pytorch.log_model(
-            served,
+        # Models from code: MLflow stores cluster/pyfunc_model.py as source, not a pickle, and
+        # that code builds the network from the checkpoint-format weights with
+        # torch.load(weights_only=True). The same file is what a later stage starts from.
+        weights = save_model_file(Path(folder) / MODEL_FILE, served.model.state_dict(), to_dict(cfg),
+                                  shards)
+        info = mlflow.pyfunc.log_model(
             name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={MODEL_FILE: str(weights)},  # pyfunc_model.WEIGHTS
             signature=signature,
             input_example=example,
             registered_model_name=name,
-            # The pickled model refers to stresnet's classes only; ship that package with it.
-            serialization_format="pickle",  # torch.export (pt2) would fix the example's shapes
             code_paths=[str(REPO / "stresnet")],
             # Skip MLflow's requirement inference (it imports the model in a subprocess: slow).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml"],
-            extra_files=[str(weights)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pyyaml",
+                              f"mlflow=={mlflow.__version__}"],
         )
     mlflow.MlflowClient().set_registered_model_alias(
         name, cfg.tracking.alias, info.registered_model_version
@@ -280,15 +387,19 @@ def fetch_registered_weights(uri: str, tracking_uri: str, destination: Path) -> 
         raise TrackingError(f"{uri}: not in the model registry at {tracking_uri} ({err.message})") from None
     destination.parent.mkdir(parents=True, exist_ok=True)  # only now: a bad URI leaves nothing
     with tempfile.TemporaryDirectory(dir=destination.parent) as folder:
-        try:
-            file = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{source.rstrip('/')}/{WEIGHTS_ARTIFACT}", dst_path=folder
-            )
-        except MlflowException:
+        for artifact in WEIGHTS_ARTIFACTS:
+            try:
+                file = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{source.rstrip('/')}/{artifact}", dst_path=folder
+                )
+                break
+            except MlflowException:
+                continue
+        else:
             raise TrackingError(
-                f"{uri}: version {version} has no {WEIGHTS_ARTIFACT} (not logged by this version "
-                f"of stresnet?); start from its training run's checkpoint folder instead"
-            ) from None
+                f"{uri}: version {version} has no {WEIGHTS_ARTIFACTS[0]} (not logged by this "
+                f"version of stresnet?); start from its training run's checkpoint folder instead"
+            )
         os.replace(file, destination)  # whole or not at all: a resumed run reuses it
     return f"models:/{name}/{version}"
 

@@ -69,6 +69,10 @@ class TrainResult:
     steps: int  # optimizer steps done in total
     metrics: dict  # the last reported metrics
     stopped: bool = False  # stopped early on request (SIGUSR1), checkpointed; resume to finish
+    experiment_id: str | None = None  # the MLflow experiment
+
+
+LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before giving up (see connect_ray)
 
 
 def connect_ray(cfg: RunConfig) -> str:
@@ -78,7 +82,7 @@ def connect_ray(cfg: RunConfig) -> str:
     if not ray.is_initialized():
         if cfg.cluster.address is None:
             needed = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker
-            ray.init(
+            options = dict(
                 # "local": always start this run's own Ray. With no address, ray.init joins the
                 # latest `ray start` cluster on the host, another user's or job's included.
                 address="local",
@@ -90,6 +94,22 @@ def connect_ray(cfg: RunConfig) -> str:
                 logging_config=ray.LoggingConfig(log_level="ERROR"),
                 dashboard_host=cfg.cluster.dashboard_host,
             )
+            # Ray Train's preemption watcher follows node draining (autoscaled, preemptible
+            # clusters); a local Ray's only node is never drained, and the watcher's start
+            # prints an error line ("PreemptionWatcher ... max_restarts > 0") that is none.
+            # The workers Ray starts inherit this environment; a user's setting wins.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
+                try:
+                    ray.init(**options)
+                    break
+                except Exception as err:  # Ray raises a bare Exception for this
+                    # Ray gives its raylet a fixed 30 s to register; on a loaded host (another
+                    # run starting Ray at the same moment) that can pass. Start afresh.
+                    if "timed out during startup" not in str(err) or attempt == LOCAL_RAY_ATTEMPTS:
+                        raise
+                    ray.shutdown()
+                    progress(f"local Ray did not start in time (attempt {attempt}); retrying")
         else:
             ray.init(address=cfg.cluster.address)
     return ray.get_runtime_context().gcs_address
@@ -109,7 +129,8 @@ def run_training(cfg: RunConfig) -> TrainResult:
     cfg, init_tags = fetch_registered_init(cfg, run_dir)
     address = connect_ray(cfg)
     # Here, not in a worker: the experiment's artifact location (see cluster/tracking.py).
-    run_tracking = tracking.prepare(cfg, address if cfg.cluster.address else None, init_tags)
+    tags = {**init_tags, **tracking.lineage_tags(cfg, init_tags, run_name)}
+    run_tracking = tracking.prepare(cfg, address if cfg.cluster.address else None, tags)
 
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.use_gpu:
@@ -180,6 +201,7 @@ def run_training(cfg: RunConfig) -> TrainResult:
         mlflow_run_id=state.get("mlflow_run_id"),
         steps=state.get("global_step", 0),
         metrics=dict(result.metrics or {}),
+        experiment_id=run_tracking.experiment_id,
         stopped=bool((result.metrics or {}).get("stopped_on_request")),
     )
 
@@ -209,7 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run:        {result.run_dir}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"steps:      {result.steps}")
-    print(f"MLflow run: {result.mlflow_run_id} (tracking URI {absolute_paths(cfg).tracking.uri})")
+    uri = absolute_paths(cfg).tracking.uri
+    print(f"MLflow run: {result.mlflow_run_id} (tracking URI {uri})")
+    from cluster.tracking import run_links
+
+    runs, run = run_links(uri, result.experiment_id, result.mlflow_run_id)
+    if not uri.startswith(("http://", "https://")):
+        print(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then")
+    print(f"  runs:     {runs}\n  this run: {run}")
     return 0
 
 

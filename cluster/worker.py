@@ -180,9 +180,16 @@ def save(cfg: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer, sta
                 "mlflow_run_id": state.mlflow_run_id,
             }
             attached = ray.train.Checkpoint.from_directory(
-                save_checkpoint(folder, model, to_dict(cfg), train_state, classes))
+                save_checkpoint(folder, model, to_dict(cfg), train_state, shard_info(cfg)))
         ray.train.report(metrics, checkpoint=attached,
                          checkpoint_dir_name=f"checkpoint_{state.global_step:07d}")
+
+
+def shard_info(cfg: RunConfig) -> dict:
+    """The training shards' class names and creation parameters, saved beside the weights."""
+    from pipelines.shard_format import model_shard_info, read_manifest
+
+    return model_shard_info(read_manifest(cfg.data.shards))
 
 
 def validate(cfg: RunConfig, model: nn.Module, loader, worker: Worker, epoch: int, step: int,
@@ -349,7 +356,7 @@ def register_final_model(model: nn.Module, cfg: RunConfig, failed: Path) -> None
     from cluster import tracking
 
     try:
-        uri = tracking.log_final_model(model, cfg)
+        uri = tracking.log_final_model(model, cfg, shard_info(cfg))
     except Exception as err:  # noqa: BLE001 - whatever it is, the driver reports it
         failed.parent.mkdir(parents=True, exist_ok=True)
         failed.write_text(f"{type(err).__name__}: {err}\n")

@@ -81,3 +81,10 @@ def read_manifest(folder: str | Path) -> dict:
         manifest = manifest if isinstance(manifest, dict) else {}
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
     return manifest
+
+
+def model_shard_info(manifest: dict) -> dict:
+    """What a saved model keeps of its training shards' manifest: class names and the creation
+    parameters (flow method, bound, resolution, frame rate), so predictions on new videos can
+    name classes and compute inputs like the shards without the shard folder."""
+    return {"classes": list(manifest["classes"]), "params": manifest["params"]}

@@ -2,12 +2,12 @@
 
 A checkpoint is a folder (Ray Train names it ``checkpoint_<step>``) holding
 
-* ``model.pt``: ``{"model": state dict, "config": the run config as plain data, "classes": the
-  class names of the shards it was trained on, in label order}``. The config travels with the
-  weights, so :func:`load_model` rebuilds exactly the network that was trained; the class names
-  let evaluation check that the shards it scores use the same labels (files written before they
-  were added have no ``"classes"``).
-  The same file is what a registered MLflow model carries as ``extra_files/model.pt``.
+* ``model.pt``: ``{"model": state dict, "config": the run config as plain data, "shards": {"classes":
+  [...], "params": {...}}}``. The config travels with the weights, so :func:`load_model` rebuilds
+  exactly the network that was trained; ``shards`` (the training shards' class names and creation
+  parameters, from their manifest; absent in older files) lets ``stresnet predict`` name classes
+  and compute flow like the shards without the shard folder.
+  The same file is what a registered MLflow model carries as ``artifacts/model.pt``.
 * ``train_state.pt`` (training only): ``{"optimizer", "epoch", "step_in_epoch", "global_step",
   "mlflow_run_id"}``, what a resumed run needs besides the weights.
 
@@ -36,21 +36,21 @@ class WeightsError(RuntimeError):
 
 
 def save_model_file(
-    path: str | Path, state: dict[str, Tensor], config: dict, classes: list[str] | None = None
+    path: str | Path, state: dict[str, Tensor], config: dict, shards: dict | None = None
 ) -> Path:
-    """Write ``model.pt`` (``path``: the file) from a model state dict, the run config dict and
-    the class names (label order), when known."""
+    """Write ``model.pt`` (``path``: the file) from a model state dict, the run config dict and,
+    when given, the training shards' ``{"classes", "params"}``."""
     path = Path(path)
     payload = {"model": state, "config": config}
-    if classes is not None:
-        payload["classes"] = list(classes)
+    if shards is not None:
+        payload["shards"] = shards
     torch.save(payload, path)
     return path
 
 
 def save_checkpoint(
     folder: str | Path, model: nn.Module, config: dict, train_state: dict[str, Any] | None = None,
-    classes: list[str] | None = None,
+    shards: dict | None = None,
 ) -> Path:
     """Write a checkpoint folder: ``model.pt`` and, when given, ``train_state.pt``.
 
@@ -58,7 +58,7 @@ def save_checkpoint(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_model_file(folder / MODEL_FILE, getattr(model, "module", model).state_dict(), config, classes)
+    save_model_file(folder / MODEL_FILE, getattr(model, "module", model).state_dict(), config, shards)
     if train_state is not None:
         torch.save(train_state, folder / STATE_FILE)
     return folder

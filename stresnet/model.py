@@ -106,6 +106,6 @@ def load_model(path: str | Path) -> STResNet:
         raise WeightsError(f"{source}: not a stresnet model file (expected keys 'model' and 'config')")
     model = build_model(from_dict(ModelConfig, {**config["model"], "init": {"kind": "random"}}, "model"))
     model.load_state_dict(payload["model"])
-    classes = payload.get("classes")
+    classes = (payload.get("shards") or {}).get("classes", payload.get("classes"))
     model.classes = [str(c) for c in classes] if isinstance(classes, list) else None
     return model

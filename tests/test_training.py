@@ -6,6 +6,7 @@ failure-injection and resume tests compare their final weights with it.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -68,7 +69,6 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     from mlflow import MlflowClient
 
     from stresnet.model import load_model
-    from stresnet.serving import ServingModel
 
     root = workspace[0]
     assert straight.steps == 24  # 24 epochs x 1 step
@@ -84,6 +84,19 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     assert run.data.params["model.width"] == "0.125"
     assert run.data.params["train.global_batch_size"] == "22"
     assert "git_commit" in run.data.tags
+    # What the MLflow UI needs: the experiment is a model-training one, the shards are the run's
+    # dataset input, the recipe tags (a stage-1 run from scratch: its own lineage only).
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["stresnet.stage"] == "stage 1"
+    assert run.data.tags["stresnet.lineage"] == "straight"
+    [dataset_input] = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "synthetic-shards"
+    assert json.loads(dataset_input.dataset.source) == {"uri": str(root / "shards")}
+    assert len(dataset_input.dataset.digest) == 16
+    input_tags = {t.key: t.value for t in dataset_input.tags}
+    assert input_tags["train_videos"] == "21" and input_tags["test_videos"] == "7"
+    assert input_tags["mlflow.data.context"] == "training"
     for key in ("loss", "accuracy", "lr", "clips_per_second", "data_wait_fraction",
                 "val_fused_top1", "val_appearance_top5", "val_motion_top1",
                 "skipped_samples", "val_skipped_views"):  # issue 13 item 4: skips are counted
@@ -104,17 +117,15 @@ def test_two_worker_training_tracks_everything_in_mlflow(workspace, straight):
     version = client.get_model_version_by_alias("stresnet-synthetic", "current")
     assert version.run_id == run.info.run_id
 
-    # The registered model predicts what the checkpoint's network predicts.
+    # The registered model (a pickle-free pyfunc: tests/test_registered_model.py) predicts what
+    # the checkpoint's network predicts.
     mlflow.set_tracking_uri(uri)
-    served = mlflow.pytorch.load_model("models:/stresnet-synthetic@current")
-    assert isinstance(served, ServingModel)
     network = load_model(straight.checkpoint)
     network.eval()
     clips = torch.randn(3, 2, 3 + 4, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = network(clips[:, :, :3], clips[:, :, 3:])
         expected = torch.stack([out["appearance"].softmax(1), out["motion"].softmax(1), out["fused"]], 1)
-        torch.testing.assert_close(served(clips), expected)
     pyfunc = mlflow.pyfunc.load_model("models:/stresnet-synthetic@current")
     np.testing.assert_allclose(pyfunc.predict(clips.numpy()), expected.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -134,8 +145,8 @@ def test_artifacts_are_stored_next_to_the_database_not_in_ray_temp_folders(works
     version = client.get_model_version_by_alias("stresnet-synthetic", "current")
     model_folder = Path(client.get_model_version_download_uri("stresnet-synthetic", version.version))
     assert model_folder.is_relative_to(folder)
-    assert {"MLmodel", "data", "extra_files"} <= {p.name for p in model_folder.iterdir()}
-    weights = torch.load(model_folder / "extra_files" / "model.pt", weights_only=True)
+    assert {"MLmodel", "artifacts"} <= {p.name for p in model_folder.iterdir()}
+    weights = torch.load(model_folder / "artifacts" / "model.pt", weights_only=True)
     assert_same_weights(weights["model"], final_weights(straight))
 
 
@@ -171,6 +182,15 @@ def test_a_stage_starts_from_a_registered_model(workspace, straight, tmp_path):
                     f"models:/stresnet-synthetic@current = models:/stresnet-synthetic/{version.version}"}
     # What a worker builds from the config it is handed.
     assert_same_weights(build_model(resolved.model).state_dict(), final_weights(straight))
+    # The next stage is linked to the run it starts from: by registry version or by checkpoint.
+    from cluster.tracking import lineage_tags
+
+    expected = {"stresnet.stage": "stage 2", "stresnet.parents": "straight",
+                "stresnet.lineage": "straight,next"}
+    assert lineage_tags(resolved, tags, "next") == expected
+    from_folder = absolute_paths(tiny(workspace, "model.init.kind=checkpoint",
+                                      f"model.init.checkpoint={straight.run_dir}"))
+    assert lineage_tags(from_folder, {}, "next") == expected
 
 
 def test_evaluate_command_on_checkpoint_and_registered_model(workspace, straight, capsys):

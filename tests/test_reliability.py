@@ -28,7 +28,7 @@ def checkpoint_with(tmp_path, shards, classes: list[str]):
                             "eval.output": str(tmp_path / "eval")})
     torch.manual_seed(0)
     folder = save_checkpoint(tmp_path / "checkpoint", build_model(cfg.model), to_dict(cfg),
-                             classes=classes)
+                             shards={"classes": classes, "params": {}})
     file = tmp_path / "run.yaml"
     dump_config(replace(cfg, model=replace(cfg.model, num_classes=3)), file)
     return file, folder
@@ -164,7 +164,7 @@ def test_preflight_and_evaluate_apply_the_same_limit(twelve, tmp_path, capsys):
     file = tmp_path / "run.yaml"
     dump_config(cfg, file)
     folder = save_checkpoint(tmp_path / "checkpoint", build_model(cfg.model), to_dict(cfg),
-                             classes=["class0", "class1", "class2"])
+                             shards={"classes": ["class0", "class1", "class2"], "params": {}})
     assert main(["--config", str(file), "--checkpoint", str(folder)]) == 2
     assert "more than data.max_damaged_fraction=0.01 allows" in capsys.readouterr().err
     assert main(["--config", str(file), "--checkpoint", str(folder),
@@ -213,7 +213,7 @@ def test_corrupt_jpegs_are_skipped_and_counted_in_training_metrics_and_the_repor
     file = tmp_path / "run.yaml"
     dump_config(cfg, file)
     folder = save_checkpoint(tmp_path / "checkpoint", model, to_dict(cfg),
-                             classes=["class0", "class1", "class2"])
+                             shards={"classes": ["class0", "class1", "class2"], "params": {}})
     assert main(["--config", str(file), "--checkpoint", str(folder)]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["videos"] == 7  # v013 dropped

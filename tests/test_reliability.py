@@ -228,9 +228,9 @@ def test_corrupt_jpegs_are_skipped_and_counted_in_training_metrics_and_the_repor
 @pytest.mark.parametrize("uri, model, message", [
     # before: ~4 minutes of MLflow's default retries, then a traceback
     ("http://127.0.0.1:9", "models:/stresnet-synthetic@current",
-     "--model-uri models:/stresnet-synthetic@current: API request to http://127.0.0.1:9/"),
+     "models:/stresnet-synthetic@current: not in the model registry at http://127.0.0.1:9"),
     ("sqlite:///{tmp}/mlflow.db", "models:/no-such-model@current",
-     "--model-uri models:/no-such-model@current: Registered Model with name=no-such-model not found"),
+     "models:/no-such-model@current: not in the model registry at sqlite:///"),
 ])
 def test_evaluate_names_a_registry_it_cannot_use(tmp_path, capsys, uri, model, message):
     import os

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cluster.preflight import PreflightError, check_writable
 from cluster.tracking import TrackingError
 from stresnet.checkpoint import WeightsError
 from stresnet.config import ConfigError, RunConfig, add_config_arguments, config_from_args
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = config_from_args(args)
+        # Before the evaluation, not after it: a report that cannot be written wastes the run.
+        check_writable("eval.output", Path(cfg.eval.output))
         if args.checkpoint:
             from stresnet.model import load_model
 
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         # The network's own config decides what the loader decodes (modalities, flow length).
         cfg = replace(cfg, model=model.cfg)
         report, files = evaluate_model(cfg, model)
-    except (ConfigError, FileNotFoundError, ValueError, WeightsError, TrackingError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, WeightsError, TrackingError,
+            PreflightError) as err:
         print(f"stresnet evaluate: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

@@ -98,9 +98,11 @@ def summary(cfg: RunConfig, result, report: dict, timer: PhaseTimer) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stresnet main-job", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
-    from cluster.train import NonFiniteLossError, PreflightError, RegistrationError, run_training
+    from cluster.train import (
+        NonFiniteLossError, PreflightError, RegistrationError, TrackingFailedError, run_training,
+    )
     from stresnet.config import absolute_paths
     from pipelines.loaders.shard_reader import DamagedShardsError
     from pipelines.shards import DatasetError, ShardFailures, ShardsError, make_shards
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PreflightError, DatasetError, ShardsError, ShardFailures) as err:
         print(f"stresnet main-job: error: {err}", file=sys.stderr)
         return 2
-    except (RegistrationError, NonFiniteLossError, DamagedShardsError) as err:
+    except (RegistrationError, NonFiniteLossError, DamagedShardsError, TrackingFailedError) as err:
         print(f"stresnet main-job: error: {err}", file=sys.stderr)
         return 1
     print(summary(cfg, result, report, timer))

@@ -8,12 +8,13 @@ tracking URI; :func:`resolve_run_name` picks the run's name; :func:`fetch_regist
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from stresnet.config import ConfigError, RunConfig, from_dict, to_dict
+from stresnet.config import ConfigError, ModelConfig, RunConfig, flatten, from_dict, to_dict
 from stresnet.train_step import accumulation_steps
 
 
@@ -95,10 +96,29 @@ def preflight(cfg: RunConfig) -> None:
     except ConfigError as err:
         raise PreflightError(str(err)) from None
 
+    check_writable("train.storage_path", Path(cfg.train.storage_path))
+
     try:
         check_tracking_uri(cfg.tracking.uri)
     except TrackingError as err:
         raise PreflightError(str(err)) from None
+
+
+def check_writable(key: str, folder: Path) -> None:
+    """``PreflightError`` naming ``key`` unless ``folder`` can be written: the folder itself, or
+    the nearest existing folder above it, where it would be created (Ray Train and the workers
+    would otherwise fail on their first checkpoint, after every retry)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PreflightError(f"{key}: {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == folder else f" (to create {folder} in)"
+        raise PreflightError(
+            f"{key}: {folder}: the folder {existing}{where} is not writable; choose a writable "
+            f"place or fix its permissions"
+        )
 
 
 def resolve_run_name(cfg: RunConfig) -> str:
@@ -110,12 +130,55 @@ def resolve_run_name(cfg: RunConfig) -> str:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return f"{cfg.name}-{stamp}-{secrets.token_hex(2)}"
     name = cfg.train.run_name
-    if (storage / name).exists() and not cfg.train.resume:
+    run_dir = storage / name
+    if run_dir.exists() and not cfg.train.resume:
+        latest = latest_checkpoint(run_dir)
+        state = f"latest checkpoint {latest.name}" if latest else "no checkpoint yet"
         raise PreflightError(
-            f"train.run_name: a run named {name!r} already exists in {storage}; set "
-            f"train.resume=true to continue it, or choose another train.run_name (or none)"
+            f"train.run_name: a run named {name!r} already exists in {storage} ({state}); set "
+            f"train.resume=true to continue it, delete the folder {run_dir} to start a new run "
+            f"under this name, or choose another train.run_name (or none)"
         )
+    if cfg.train.resume:
+        check_resumed_model(cfg, run_dir)
     return name
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest ``checkpoint_*`` folder holding a ``model.pt`` in ``run_dir``, if any."""
+    from stresnet.checkpoint import CHECKPOINT_GLOB, MODEL_FILE
+
+    found = sorted(p.parent for p in run_dir.glob(f"{CHECKPOINT_GLOB}/{MODEL_FILE}"))
+    return found[-1] if found else None
+
+
+def check_resumed_model(cfg: RunConfig, run_dir: Path) -> None:
+    """A resumed run must build the network its checkpoint holds: compare the ``model`` section
+    stored in the latest checkpoint with ``cfg.model`` (``model.init`` aside: a resumed run
+    starts from the checkpoint, not from its init weights). Otherwise every worker would fail
+    to load the weights (or train a different network on them) after Ray's retries."""
+    from stresnet.checkpoint import WeightsError, read_model_file
+
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return  # stopped before its first checkpoint: resuming starts from step 0
+    try:
+        source, payload = read_model_file(latest, mmap=True)
+        stored = from_dict(ModelConfig, (payload.get("config") or {}).get("model"), "model")
+    except (WeightsError, ConfigError) as err:
+        raise PreflightError(f"train.resume: cannot read the model of {latest}: {err}") from None
+
+    before = flatten(stored)
+    now = flatten(replace(cfg.model, init=stored.init))
+    differ = [k for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)]
+    if differ:
+        shown = ", ".join(f"model.{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise PreflightError(
+            f"train.resume: the model differs from the one run {run_dir.name!r} trained "
+            f"({source}): {shown}. Resume with the run's model settings, or start a new run "
+            f"with these: another train.run_name (or none), and where the weights still fit "
+            f"model.init.kind=checkpoint model.init.checkpoint={latest} to start from them"
+        )
 
 
 def fetch_registered_init(cfg: RunConfig, run_dir: Path) -> tuple[RunConfig, dict[str, str]]:

@@ -157,6 +157,13 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
             )
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"tracking.uri: {uri}: folder {folder} is not writable")
+        database = Path(uri[len("sqlite:///"):])
+        if database.exists() and not os.access(database, os.R_OK | os.W_OK):
+            # sqlite opens it read-only without a word; the first write fails mid-run.
+            raise TrackingError(
+                f"tracking.uri: {uri}: the database file {database} is not writable; fix its "
+                f"permissions or point tracking.uri at another file"
+            )
         return
     if uri.startswith(("http://", "https://")):
         health = uri.rstrip("/") + "/health"
@@ -416,6 +423,22 @@ def log_metrics(metrics: dict[str, Any], step: int) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def fail_running_runs(cfg: RunConfig, experiment_id: str, run_name: str) -> None:
+    """End the MLflow runs named ``run_name`` that are still RUNNING as FAILED: called by the
+    driver after the workers failed. Best effort: the tracking store may be what failed."""
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(cfg.tracking.uri)
+        for run in client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.run_name = '{run_name}' AND attributes.status = 'RUNNING'",
+        ):
+            client.set_terminated(run.info.run_id, status="FAILED")
+    except Exception:  # noqa: BLE001 - the error being reported is the workers'
+        pass
 
 
 def end_run(status: str = "FINISHED") -> None:

@@ -35,6 +35,7 @@ from cluster.worker import (
     DATA_DAMAGED,
     LOSS_NOT_FINITE,
     REGISTRATION_FAILED,
+    TRACKING_FAILED,
     progress,
     train_loop,
 )
@@ -58,6 +59,10 @@ class RegistrationError(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped, its checkpoints are kept."""
+
+
+class TrackingFailedError(RuntimeError):
+    """The tracking server or database failed while the run trained; its checkpoints are kept."""
 
 
 @dataclass
@@ -161,18 +166,28 @@ def run_training(cfg: RunConfig) -> TrainResult:
     # SIGUSR1/SIGTERM: checkpoint and stop, through Ray's KV store (cluster/stop_request.py).
     from cluster.stop_request import clear_stop_request, install_stop_signals
 
-    (run_dir / LOSS_NOT_FINITE).unlink(missing_ok=True)  # a resumed run tries again
-    damaged = run_dir / DATA_DAMAGED
-    damaged.unlink(missing_ok=True)
+    damaged, tracking_failed = run_dir / DATA_DAMAGED, run_dir / TRACKING_FAILED
+    for marker in (run_dir / LOSS_NOT_FINITE, damaged, tracking_failed):
+        marker.unlink(missing_ok=True)  # a resumed run tries again
     if threading.current_thread() is threading.main_thread():
         install_stop_signals(run_name)
     try:
         result = trainer.fit()
     except Exception:
+        kept = f"The run's checkpoints in {run_dir} are kept"
+        if tracking_failed.is_file():
+            raise TrackingFailedError(
+                f"tracking.uri: the MLflow tracking at {cfg.tracking.uri} failed during training: "
+                f"{tracking_failed.read_text().strip()}. {kept}; when it works again continue "
+                f"with train.run_name={run_name} train.resume=true"
+            ) from None
+        # Whichever rank failed, rank 0's MLflow run must not stay RUNNING (Ray Train stops
+        # the other ranks without letting them end it).
+        tracking.fail_running_runs(cfg, run_tracking.experiment_id, run_name)
         if damaged.is_file():  # the skip policy's limit, reached while reading (a named error)
             raise DamagedShardsError(
-                f"{damaged.read_text().strip()}. The run's checkpoints in {run_dir} are kept; "
-                f"after fixing the shards continue with train.run_name={run_name} train.resume=true"
+                f"{damaged.read_text().strip()}. {kept}; after fixing the shards continue with "
+                f"train.run_name={run_name} train.resume=true"
             ) from None
         raise
     finally:
@@ -214,14 +229,14 @@ def run_training(cfg: RunConfig) -> TrainResult:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stresnet train", description=__doc__.splitlines()[0])
     add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = config_from_args(args)
         result = run_training(cfg)
     except (ConfigError, PreflightError) as err:
         print(f"stresnet train: error: {err}", file=sys.stderr)
         return 2
-    except (RegistrationError, NonFiniteLossError, DamagedShardsError) as err:
+    except (RegistrationError, NonFiniteLossError, DamagedShardsError, TrackingFailedError) as err:
         print(f"stresnet train: error: {err}", file=sys.stderr)
         return 1
     if result.stopped:

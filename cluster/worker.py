@@ -54,6 +54,11 @@ LOSS_NOT_FINITE = "loss_not_finite"
 # In the run folder: more of the data turned out damaged while reading than
 # data.max_damaged_fraction allows (the error); the run stopped without registering a model.
 DATA_DAMAGED = "data_damaged"
+# In the run folder: the tracking server (or database) failed while the run was training (the
+# error, after MLflow's bounded retries); the run stopped, its checkpoints kept.
+TRACKING_FAILED = "tracking_failed"
+# A retry of the workers after one of these would meet the same problem: fail it at once.
+STOP_MARKERS = (DATA_DAMAGED, TRACKING_FAILED)
 
 
 @dataclass
@@ -220,14 +225,17 @@ def validate(cfg: RunConfig, model: nn.Module, loader, worker: Worker, epoch: in
 
 def train_loop(loop_config: dict) -> None:
     """The per-worker training function (runs inside Ray Train); see the module docstring."""
-    from cluster import stop_request, tracking
+    from mlflow.exceptions import MlflowException
+
+    from cluster import tracking
     from pipelines.loaders import build_loader
 
     quiet_ray_train()
     cfg: RunConfig = from_dict(RunConfig, loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    if (run_dir / DATA_DAMAGED).is_file():  # a retry after the data was found damaged: don't
-        raise DamagedShardsError((run_dir / DATA_DAMAGED).read_text().strip())
+    for marker in STOP_MARKERS:  # a retry after the data or the tracking failed: don't
+        if (run_dir / marker).is_file():
+            raise RuntimeError(f"{marker}: {(run_dir / marker).read_text().strip()}")
     worker = setup_worker(cfg)
     model, optimizer, state = build_and_restore(cfg, worker)
 
@@ -248,6 +256,34 @@ def train_loop(loop_config: dict) -> None:
     if cfg.train.stop_at_step is not None:
         total_steps = min(total_steps, cfg.train.stop_at_step)
 
+    try:
+        train_epochs(cfg, loop_config, run_dir, worker, model, optimizer, state, train_loader,
+                     val_loader, accumulation, steps_per_epoch, total_steps)
+    except DamagedShardsError as err:
+        # Raised on one rank only: returning would leave the others waiting in an all-reduce.
+        # Fail the worker (Ray Train stops them all); the retries Ray makes fail at once on
+        # DATA_DAMAGED (see the top of this function) and the driver reports the error (and
+        # ends the MLflow run as failed where another rank than 0 raised).
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DATA_DAMAGED).write_text(f"{err}\n")
+        if worker.rank == 0:
+            tracking.end_run(status="FAILED")
+        raise
+    except MlflowException as err:
+        # Rank 0's tracking server or database failed (after MLflow's bounded retries, see
+        # cluster/__init__.py). Ray's retries would wait on it again from the last checkpoint:
+        # stop, keep the checkpoints, and let the driver name the problem.
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / TRACKING_FAILED).write_text(f"{str(err.message).splitlines()[0][:500]}\n")
+        raise
+
+
+def train_epochs(cfg: RunConfig, loop_config: dict, run_dir: Path, worker: Worker, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, state: TrainState, train_loader, val_loader,
+                 accumulation: int, steps_per_epoch: int, total_steps: int) -> None:
+    """Open the MLflow run (rank 0), train from ``state`` to ``total_steps``, register the model."""
+    from cluster import stop_request, tracking
+
     if worker.rank == 0:
         state.mlflow_run_id = loop_config["tracking"].start_run(
             cfg, loop_config["run_name"], state.mlflow_run_id)
@@ -261,65 +297,54 @@ def train_loop(loop_config: dict) -> None:
 
     session_start, session_steps, skipped = time.perf_counter(), 0, 0
     model.train()
-    try:
-        for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if state.global_step >= total_steps:
+            break
+        train_loader.set_epoch(epoch)
+        batches = iter(train_loader)
+        first = start_step if epoch == start_epoch else 0
+        for _ in range(first * accumulation):  # the micro-batches the checkpoint already used
+            next(batches)
+        for step_in_epoch in range(first, steps_per_epoch):
             if state.global_step >= total_steps:
                 break
-            train_loader.set_epoch(epoch)
-            batches = iter(train_loader)
-            first = start_step if epoch == start_epoch else 0
-            for _ in range(first * accumulation):  # the micro-batches the checkpoint already used
-                next(batches)
-            for step_in_epoch in range(first, steps_per_epoch):
-                if state.global_step >= total_steps:
-                    break
-                step = state.global_step
-                torch.manual_seed(step_seed(cfg.seed, worker.rank, step))
-                asked = worker.rank == 0 and stop_request.stop_requested(loop_config["run_name"])
-                metrics, stop = train_one_step(model, optimizer, batches, accumulation, worker,
-                                               learning_rate(cfg.train, step, steps_per_epoch),
-                                               asked)
-                metrics["epoch"] = epoch + 1
-                if not math.isfinite(metrics["loss"]):
-                    stop_on_non_finite_loss(metrics, step + 1, worker, run_dir)
-                    return
-                state.global_step = step + 1
-                session_steps += 1
-                skipped += int(metrics["skipped_samples"])
-                if stop and state.global_step < total_steps:
-                    total_steps = state.global_step  # checkpoint below, then leave both loops
-                    metrics["stopped_on_request"] = 1.0
-                if worker.rank == 0:
-                    tracking.log_metrics(metrics, step=state.global_step)
-                    per_step = (time.perf_counter() - session_start) / session_steps
-                    eta = per_step * (total_steps - state.global_step)
-                    progress(
-                        f"epoch {epoch + 1}/{cfg.train.epochs} step "
-                        f"{step_in_epoch + 1}/{steps_per_epoch} (total {state.global_step}/"
-                        f"{total_steps}) loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
-                        f"lr {metrics['lr']:.2g} {metrics['clips_per_second']:.1f} clips/s "
-                        f"data-wait {metrics['data_wait_fraction']:.0%} ETA {eta:.0f}s"
-                        + (f" skipped {skipped} damaged samples" if skipped else "")
-                    )
-                inject_failure(cfg, worker, state.global_step, run_dir)
-                epoch_done = step_in_epoch + 1 == steps_per_epoch
-                stopping = state.global_step >= total_steps
-                if epoch_done and (epoch + 1) % cfg.train.validate_every == 0:
-                    metrics.update(validate(cfg, model, val_loader, worker, epoch, state.global_step,
-                                            run_dir))
-                if epoch_done or stopping or state.global_step % cfg.train.checkpoint_every == 0:
-                    state.epoch, state.step_in_epoch = epoch, step_in_epoch + 1
-                    save(cfg, model, optimizer, state, worker, metrics)
-
-    except DamagedShardsError as err:
-        # Raised on one rank only: returning would leave the others waiting in an all-reduce.
-        # Fail the worker (Ray Train stops them all); the retries Ray makes fail at once on
-        # DATA_DAMAGED (see the top of this function) and the driver reports the error.
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / DATA_DAMAGED).write_text(f"{err}\n")
-        if worker.rank == 0:
-            tracking.end_run(status="FAILED")
-        raise
+            step = state.global_step
+            torch.manual_seed(step_seed(cfg.seed, worker.rank, step))
+            asked = worker.rank == 0 and stop_request.stop_requested(loop_config["run_name"])
+            metrics, stop = train_one_step(model, optimizer, batches, accumulation, worker,
+                                           learning_rate(cfg.train, step, steps_per_epoch),
+                                           asked)
+            metrics["epoch"] = epoch + 1
+            if not math.isfinite(metrics["loss"]):
+                stop_on_non_finite_loss(metrics, step + 1, worker, run_dir)
+                return
+            state.global_step = step + 1
+            session_steps += 1
+            skipped += int(metrics["skipped_samples"])
+            if stop and state.global_step < total_steps:
+                total_steps = state.global_step  # checkpoint below, then leave both loops
+                metrics["stopped_on_request"] = 1.0
+            if worker.rank == 0:
+                tracking.log_metrics(metrics, step=state.global_step)
+                per_step = (time.perf_counter() - session_start) / session_steps
+                eta = per_step * (total_steps - state.global_step)
+                progress(
+                    f"epoch {epoch + 1}/{cfg.train.epochs} step "
+                    f"{step_in_epoch + 1}/{steps_per_epoch} (total {state.global_step}/"
+                    f"{total_steps}) loss {metrics['loss']:.4f} acc {metrics['accuracy']:.3f} "
+                    f"lr {metrics['lr']:.2g} {metrics['clips_per_second']:.1f} clips/s "
+                    f"data-wait {metrics['data_wait_fraction']:.0%} ETA {eta:.0f}s"
+                    + (f" skipped {skipped} damaged samples" if skipped else "")
+                )
+            inject_failure(cfg, worker, state.global_step, run_dir)
+            epoch_done = step_in_epoch + 1 == steps_per_epoch
+            stopping = state.global_step >= total_steps
+            if epoch_done and (epoch + 1) % cfg.train.validate_every == 0:
+                metrics.update(validate(cfg, model, val_loader, worker, epoch, state.global_step,
+                                        run_dir))
+            if epoch_done or stopping or state.global_step % cfg.train.checkpoint_every == 0:
+                state.epoch, state.step_in_epoch = epoch, step_in_epoch + 1
+                save(cfg, model, optimizer, state, worker, metrics)
 
     if worker.rank == 0:
         finished = state.global_step >= cfg.train.epochs * steps_per_epoch

@@ -17,6 +17,7 @@ With ``shards.partition`` unset one process does every partition and then finali
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -63,6 +64,7 @@ def make_shards(cfg: RunConfig) -> dict:
     failed and ``shards.allow_failures`` is false.
     """
     out = Path(cfg.shards.output)
+    check_writable(out)
     if cfg.dataset.kind == "synthetic":  # the videos are made here, before any shard is planned
         write_synthetic_dataset(cfg.dataset)
     index = load_source(cfg.dataset)
@@ -94,6 +96,7 @@ def make_shards(cfg: RunConfig) -> dict:
 def finalize(cfg: RunConfig, index: DatasetIndex | None = None) -> dict:
     """Check that every partition is complete and write ``manifest.json``; return the manifest."""
     out = Path(cfg.shards.output)
+    check_writable(out)
     if index is None:
         index = load_source(cfg.dataset)
     params = creation_params(cfg, index)
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         "--finalize", action="store_true",
         help="only write manifest.json from the completed partitions",
     )
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before or after --finalize.
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = config_from_args(args)
         if args.finalize:
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except ShardFailures as err:
         print(f"stresnet shards: {err}\n(set shards.allow_failures=true to accept this)", file=sys.stderr)
         return 1
-    except (ConfigError, DatasetError, ShardsError, FileExistsError) as err:
+    except (ConfigError, DatasetError, ShardsError, FileExistsError, PermissionError) as err:
         print(f"stresnet shards: {err}", file=sys.stderr)
         return 2
     return 0
@@ -171,6 +175,18 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------
+
+
+def check_writable(out: Path) -> None:
+    """``ShardsError`` unless ``shards.output`` (or the folder it would be made in) is writable:
+    otherwise every video would fail to write and be reported as a failed video (exit 1)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == out else f" (to create {out} in)"
+        raise ShardsError(f"shards.output: {out}: the folder {existing}{where} is not writable; "
+                          f"choose a writable place or fix its permissions")
 
 
 def library_versions() -> dict[str, str]:

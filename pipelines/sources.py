@@ -174,9 +174,21 @@ def csv_source(csv_path: str | Path) -> DatasetIndex:
         if len(row) not in (2, 3) or not row[0] or not row[1]:
             problems.append(f"{csv_path}: row {number} {row}: expected path,label[,split]")
             continue
-        parsed.append((row[0], row[1], row[2] if len(row) == 3 and row[2] else "train"))
+        parsed.append((number, row[0], row[1], row[2] if len(row) == 3 and row[2] else "train"))
+    # Labels are integers or names. A label that is neither clearly ("--1", "1.5") or that is
+    # not an integer among integer labels is a typo that would silently make a class of its own.
+    integer, numberish = re.compile(r"[+-]?\d+"), re.compile(r"[-+\d.eE]*\d[-+\d.eE]*")
+    some_integers = any(integer.fullmatch(label) for _, _, label, _ in parsed)
+    bad = [(number, path, label, split) for number, path, label, split in parsed
+           if not integer.fullmatch(label) and (some_integers or numberish.fullmatch(label))]
+    for number, path, label, split in bad:
+        problems.append(f"{csv_path}: row {number} {[path, label, split]}: label {label!r} is not "
+                        f"an integer{' like the other labels' if some_integers else ''}; labels "
+                        f"are integers or class names")
+    parsed = [(path, label, split) for number, path, label, split in parsed
+              if (number, path, label, split) not in bad]
     labels = {label for _, label, _ in parsed}
-    numeric = all(label.lstrip("-").isdigit() for label in labels)
+    numeric = bool(labels) and all(integer.fullmatch(label) for label in labels)
     classes = sorted(labels, key=int if numeric else str)
     label_of = {name: i for i, name in enumerate(classes)}
     entries = [
@@ -192,6 +204,7 @@ def check_index(index: DatasetIndex) -> None:
     if any(p.endswith("video folder does not exist") for p in problems):
         raise DatasetError(f"{index.name} dataset: {problems[0]}")  # not one line per video
     problems += [f"missing file: {e.path} (split {e.split})" for e in index.entries if not e.path.is_file()]
+    problems += _in_several_splits(index.entries)
     if len(index.classes) < 2 and not problems:
         problems.append(f"found {len(index.classes)} class(es), need at least 2")
     if problems:
@@ -199,6 +212,18 @@ def check_index(index: DatasetIndex) -> None:
             f"{index.name} dataset: {len(problems)} problem(s), nothing was processed:\n  "
             + "\n  ".join(problems)
         )
+
+
+def _in_several_splits(entries: list[VideoEntry]) -> list[str]:
+    """One problem per video listed in more than one split. Refused, not warned about: a test
+    video that is also trained on makes the test accuracy measure memory, silently, and only
+    the user knows which split it belongs to."""
+    splits: dict[Path, dict[str, str]] = {}
+    for e in entries:
+        splits.setdefault(e.path.resolve(), {}).setdefault(e.split, e.source)
+    return [f"in several splits: {', '.join(f'{source} ({split})' for split, source in where.items())}"
+            " (a video belongs to one split)"
+            for where in splits.values() if len(where) > 1]
 
 
 def _lines(path: SplitsDir) -> list[str]:

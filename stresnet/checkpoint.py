@@ -67,10 +67,11 @@ def save_checkpoint(
 # --- reading ---------------------------------------------------------------------------------
 
 
-def load_file(path: str | Path | None) -> dict:
-    """``torch.load(weights_only=True)`` of a dict on the CPU; :class:`WeightsError` naming the file."""
+def load_file(path: str | Path | None, mmap: bool = False) -> dict:
+    """``torch.load(weights_only=True)`` of a dict on the CPU; :class:`WeightsError` naming the file.
+    ``mmap``: map the tensors instead of reading them (to look at the rest cheaply)."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise WeightsError(f"{path}: weights file not found") from None
     except Exception as err:  # pickle/zip errors: say which file, keep the cause
@@ -92,11 +93,11 @@ def checkpoint_file(path: str | Path) -> Path:
     return newest[-1]
 
 
-def read_model_file(path: str | Path | None) -> tuple[str, dict]:
+def read_model_file(path: str | Path | None, mmap: bool = False) -> tuple[str, dict]:
     """(file name, ``{"model": state dict, "config": dict}``) of what ``path`` names (see
-    :func:`checkpoint_file`)."""
+    :func:`checkpoint_file`); ``mmap``: see :func:`load_file`."""
     file = checkpoint_file(str(path))
-    payload = load_file(file)
+    payload = load_file(file, mmap)
     if not isinstance(payload.get("model"), dict):
         raise WeightsError(f"{file}: not a model checkpoint (expected a dict with key 'model')")
     return str(file), payload

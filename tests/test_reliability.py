@@ -264,3 +264,137 @@ def test_preflight_catches_what_failed_in_every_worker(twelve, tmp_path, overrid
     with pytest.raises(PreflightError) as err:
         preflight(cfg)
     assert message.format(tmp=tmp_path) in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Item 9 (rest): resuming with a changed model; item 12: the message of a name already taken
+# --------------------------------------------------------------------------------------------
+
+
+def run_with_checkpoint(storage, shards, name: str = "run", **model):
+    """A run folder ``storage/name`` with one checkpoint of the tiny model (``model`` overrides)."""
+    cfg = config(shards, **{"model.width": 0.03125, "train.storage_path": str(storage),
+                            "train.run_name": name, **model})
+    save_checkpoint(storage / name / "checkpoint_0000004", build_model(cfg.model), to_dict(cfg),
+                    train_state={"global_step": 4})
+    return cfg
+
+
+def test_resuming_with_a_changed_model_is_refused_before_any_worker(shards, tmp_path):
+    """issue 13 item 9: every worker failed to load the checkpoint (4 attempts), or trained
+    another network than the run's on its weights."""
+    from cluster.preflight import PreflightError, resolve_run_name
+
+    cfg = run_with_checkpoint(tmp_path / "runs", shards)
+    resume = replace(cfg, train=replace(cfg.train, resume=True))
+    assert resolve_run_name(resume) == "run"  # the same model: resumes
+    init = replace(resume.model.init, kind="checkpoint", checkpoint=str(tmp_path / "gone.pt"))
+    assert resolve_run_name(replace(resume, model=replace(resume.model, init=init))) == "run"
+    changed = replace(resume.model, depth=101, dropout_motion=0.25)
+    with pytest.raises(PreflightError) as err:
+        resolve_run_name(replace(resume, model=changed))
+    message = str(err.value)
+    assert message.startswith("train.resume: the model differs from the one run 'run' trained (")
+    assert "model.depth: 50 -> 101, model.dropout_motion: 0.8 -> 0.25." in message
+    assert "another train.run_name (or none)" in message
+    assert f"model.init.checkpoint={tmp_path / 'runs' / 'run' / 'checkpoint_0000004'}" in message
+
+
+def test_a_taken_run_name_says_how_to_resume_or_clear_it(shards, tmp_path):
+    """issue 13 item 12: the message did not say that deleting the folder frees the name."""
+    from cluster.preflight import PreflightError, resolve_run_name
+
+    cfg = run_with_checkpoint(tmp_path / "runs", shards, "failed")
+    with pytest.raises(PreflightError) as err:
+        resolve_run_name(cfg)
+    assert str(err.value) == (
+        f"train.run_name: a run named 'failed' already exists in {tmp_path / 'runs'} (latest "
+        f"checkpoint checkpoint_0000004); set train.resume=true to continue it, delete the folder "
+        f"{tmp_path / 'runs' / 'failed'} to start a new run under this name, or choose another "
+        f"train.run_name (or none)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Items 9 and 10: read-only places (a process without root's permission override), random bytes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["read-only train.storage_path", "read-only sqlite file"])
+def test_train_names_a_read_only_place_before_any_worker(shards, tmp_path, fault):
+    """Before: the workers failed at their first checkpoint or MLflow write, after Ray's retries."""
+    from without_root import read_only, run_without_root_permissions, writable
+
+    locked = tmp_path / "locked"
+    database = tmp_path / "mlflow.db"
+    overrides = {"tracking.uri": f"sqlite:///{database}", "model.width": 0.03125,
+                 "train.storage_path": str(tmp_path / "runs")}
+    if fault == "read-only train.storage_path":
+        overrides["train.storage_path"] = str(locked / "runs")
+        expected = (f"train.storage_path: {locked / 'runs'}: the folder {locked} (to create "
+                    f"{locked / 'runs'} in) is not writable")
+    else:
+        database.write_bytes(b"")
+        database.chmod(0o444)
+        expected = f"tracking.uri: sqlite:///{database}: the database file {database} is not writable"
+    file = tmp_path / "run.yaml"
+    dump_config(config(shards, **overrides), file)
+    read_only(locked)
+    try:
+        done = run_without_root_permissions("-m", "cluster.cli", "train", "--config", str(file))
+    finally:
+        writable(locked)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_evaluate_names_a_read_only_output_before_evaluating(shards, tmp_path):
+    """Before: the whole evaluation ran, then writing report.json raised PermissionError."""
+    from without_root import read_only, run_without_root_permissions, writable
+
+    file, checkpoint = checkpoint_with(tmp_path, shards, ["class0", "class1", "class2"])
+    locked = read_only(tmp_path / "eval")
+    try:
+        done = run_without_root_permissions("-m", "cluster.cli", "evaluate", "--config", str(file),
+                                            "--checkpoint", str(checkpoint))
+    finally:
+        writable(locked)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (f"stresnet evaluate: error: eval.output: {locked}: the folder "
+                                   f"{locked} is not writable; choose a writable place or fix its "
+                                   f"permissions")
+    assert "top-1" not in done.stdout  # nothing evaluated
+
+
+def test_shards_names_a_read_only_output(tmp_path):
+    """Before: every video failed to write, reported as failed videos (exit 1, "set
+    shards.allow_failures=true to accept this")."""
+    from without_root import read_only, run_without_root_permissions, writable
+
+    locked = read_only(tmp_path / "locked")
+    file = tmp_path / "shards.yaml"
+    file.write_text(f"dataset: {{kind: synthetic, root: {tmp_path / 'videos'}, synthetic: "
+                    f"{{videos_per_class: 2, video_frames: 4, height: 16, width: 16}}}}\n"
+                    f"shards: {{output: {locked / 'shards'}}}\n")
+    try:
+        done = run_without_root_permissions("-m", "cluster.cli", "shards", "--config", str(file))
+    finally:
+        writable(locked)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"stresnet shards: shards.output: {locked / 'shards'}: the folder {locked} (to create "
+        f"{locked / 'shards'} in) is not writable; choose a writable place or fix its permissions")
+
+
+def test_evaluate_names_a_model_file_of_random_bytes(shards, tmp_path, capsys):
+    from cluster.evaluate import main
+
+    file, _ = checkpoint_with(tmp_path, shards, ["class0", "class1", "class2"])
+    model = tmp_path / "random" / "model.pt"
+    model.parent.mkdir()
+    model.write_bytes(bytes(range(256)) * 8)
+    assert main(["--config", str(file), "--checkpoint", str(model.parent)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"stresnet evaluate: error: {model}: cannot load weights (")
+    assert "Traceback" not in err

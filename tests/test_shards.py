@@ -322,3 +322,17 @@ def test_flow_of_a_320x240_video_is_computed_at_320x240(tmp_path, short_side):
     inner = flow_x[stored[0] // 4 : -stored[0] // 4, stored[1] // 4 : -stored[1] // 4]
     pixels = (np.median(inner) / 255.0) * 40.0 - 20.0  # bytes 0..255 <- [-20, 20] px
     assert pixels == pytest.approx(speed, abs=0.5)
+
+
+def test_overrides_after_finalize_are_applied(monkeypatch, tmp_path):
+    """issue 13 item 12: ``--finalize key=value`` worked, ``key=value --finalize key=value``
+    stopped with argparse's "unrecognized arguments"."""
+    import pipelines.shards as shards
+
+    seen = []
+    monkeypatch.setattr(shards, "finalize", lambda cfg: seen.append(cfg.shards))
+    file = tmp_path / "c.yaml"
+    file.write_text("seed: 0\n")
+    argv = ["--config", str(file), "shards.num_partitions=3", "--finalize", "shards.output=elsewhere"]
+    assert main(argv) == 0
+    assert (seen[0].num_partitions, seen[0].output) == (3, "elsewhere")

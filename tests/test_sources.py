@@ -153,3 +153,37 @@ def test_csv_source_lists_every_bad_row_and_missing_file(tmp_path):
 def test_csv_source_unreadable_file_names_it(tmp_path):
     with pytest.raises(DatasetError, match="nope.csv: cannot read"):
         csv_source(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize("labels, bad", [
+    (["1", "--1", "2"], "row 2 ['b.mp4', '--1', 'train']: label '--1' is not an integer like the "
+                        "other labels"),
+    (["walk", "1.5", "run"], "row 2 ['b.mp4', '1.5', 'train']: label '1.5' is not an integer;"),
+])
+def test_csv_labels_that_are_not_integers_nor_names_are_named_with_their_row(tmp_path, labels, bad):
+    """issue 13 item 10: ``--1`` passed the integer test (``lstrip("-")``), then ``int()`` raised
+    a ValueError traceback."""
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (tmp_path / name).touch()
+    listing = tmp_path / "list.csv"
+    listing.write_text("".join(f"{v},{label}\n" for v, label in zip(("a.mp4", "b.mp4", "c.mp4"), labels)))
+    with pytest.raises(DatasetError) as err:
+        load_source(DatasetConfig(kind="csv", csv=str(listing)))
+    assert f"{listing}: {bad}" in str(err.value)
+
+
+def test_a_video_in_two_splits_is_refused_with_the_list(tmp_path):
+    """issue 13 item 12: a video listed in train and test was trained on and then scored as a
+    test video, inflating the test accuracy without a word. Refused: only the user knows which
+    split it belongs to."""
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        (tmp_path / name).touch()
+    listing = tmp_path / "list.csv"
+    listing.write_text("a.mp4,walk,train\nb.mp4,run,train\nc.mp4,run,test\n./a.mp4,walk,test\n"
+                       "b.mp4,run,val\n")
+    with pytest.raises(DatasetError) as err:
+        load_source(DatasetConfig(kind="csv", csv=str(listing)))
+    message = str(err.value)
+    assert "2 problem(s), nothing was processed" in message
+    assert "in several splits: a.mp4 (train), ./a.mp4 (test) (a video belongs to one split)" in message
+    assert "in several splits: b.mp4 (train), b.mp4 (val)" in message

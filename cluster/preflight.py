@@ -1,8 +1,9 @@
 """Before any worker starts: everything that would otherwise fail inside a worker minutes later.
 
-:func:`preflight` checks the config, the shards, the init weights, the batch arithmetic and the
-tracking URI; :func:`resolve_run_name` picks the run's name; :func:`fetch_registered_init` turns
-``models:/...`` init weights into files on shared storage. Each problem is a
+:func:`preflight` checks the config, the shards, the init weights, the batch arithmetic, that
+``train.storage_path`` is writable and the tracking URI; :func:`resolve_run_name` picks the run's
+name and, on resume, checks the model against the run's checkpoint; :func:`fetch_registered_init`
+turns ``models:/...`` init weights into files on shared storage. Each problem is a
 :class:`PreflightError` whose message says what to fix.
 """
 

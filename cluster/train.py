@@ -175,15 +175,15 @@ def run_training(cfg: RunConfig) -> TrainResult:
         result = trainer.fit()
     except Exception:
         kept = f"The run's checkpoints in {run_dir} are kept"
+        # Whichever rank failed, rank 0's MLflow run must not stay RUNNING (Ray Train stops
+        # the other ranks without letting them end it). Best effort: it may be what failed.
+        tracking.fail_running_runs(cfg, run_tracking.experiment_id, run_name)
         if tracking_failed.is_file():
             raise TrackingFailedError(
                 f"tracking.uri: the MLflow tracking at {cfg.tracking.uri} failed during training: "
                 f"{tracking_failed.read_text().strip()}. {kept}; when it works again continue "
                 f"with train.run_name={run_name} train.resume=true"
             ) from None
-        # Whichever rank failed, rank 0's MLflow run must not stay RUNNING (Ray Train stops
-        # the other ranks without letting them end it).
-        tracking.fail_running_runs(cfg, run_tracking.experiment_id, run_name)
         if damaged.is_file():  # the skip policy's limit, reached while reading (a named error)
             raise DamagedShardsError(
                 f"{damaged.read_text().strip()}. {kept}; after fixing the shards continue with "

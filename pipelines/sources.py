@@ -16,7 +16,10 @@ The official UCF101 and HMDB51 split files ship with the package (``pipelines/sp
   lines ``file.avi F`` (F = 1 train, 2 test, 0 unused). Classes are sorted by name.
 - CSV: rows ``path,label[,split]`` (an optional header row starting with ``path``); paths are
   relative to the CSV file's folder; the split defaults to ``train``. Classes are the sorted label
-  names (numerically when every label is an integer).
+  names (numerically when every label is an integer; a label that is not an integer among integer
+  labels, or that only looks like a number, ``--1``, is an error naming its row).
+
+Every source: a video listed in two splits is an error (see ``_in_several_splits``).
 """
 
 from __future__ import annotations

@@ -283,6 +283,111 @@ def test_a_non_finite_loss_stops_the_run_keeps_its_checkpoint_and_registers_noth
     assert client.search_registered_models() == []
 
 
+def test_a_tracking_store_failing_during_training_is_a_named_error_and_the_run_resumes(
+        workspace, capsys):
+    """issue 13 item 11: the preflight checks the tracking store once; one that fails later (a
+    server going down, a broken database) made rank 0 raise, Ray retry from the last checkpoint
+    into the same failure, and the command end in a traceback."""
+    import sqlite3
+    import threading
+    import time
+
+    from mlflow import MlflowClient
+
+    root, overrides = workspace
+    db = root / "failing.db"
+    run_dir = root / "runs" / "tracking-fails"
+    argv = ["--config", str(TINY), *overrides, f"tracking.uri=sqlite:///{db}", "train.epochs=6",
+            "train.checkpoint_every=1", "train.validate_every=12", "train.run_name=tracking-fails"]
+
+    def break_the_store():  # once step 2 is checkpointed: metrics can no longer be written
+        deadline = time.monotonic() + 600
+        while not (run_dir / "checkpoint_0000002").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with sqlite3.connect(db, timeout=60) as con:
+            con.execute("ALTER TABLE metrics RENAME TO metrics_away")
+
+    breaker = threading.Thread(target=break_the_store, daemon=True)
+    breaker.start()
+    assert main(argv) == 1
+    breaker.join()
+    err = capsys.readouterr().err
+    assert f"stresnet train: error: tracking.uri: the MLflow tracking at sqlite:///{db} failed " \
+           f"during training: " in err
+    assert "no such table: metrics" in err
+    assert f"The run's checkpoints in {run_dir} are kept; when it works again continue with " \
+           f"train.run_name=tracking-fails train.resume=true" in err
+    # Ray Train's placement-group cleaner may die with a traceback when other Ray instances run
+    # on the host (see tests/test_concurrent_training.py); no other traceback.
+    assert err.count("Traceback") == err.count("Found multiple active Ray instances"), err[-4000:]
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_[0-9]*"))
+    assert kept and kept[-1] >= "checkpoint_0000002"
+
+    with sqlite3.connect(db) as con:  # the store works again: the same run finishes
+        con.execute("ALTER TABLE metrics_away RENAME TO metrics")
+    assert main(argv + ["train.resume=true"]) == 0
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs(client.get_experiment_by_name("stresnet-synthetic").experiment_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_model_version_by_alias("stresnet-synthetic", "current").run_id == run.info.run_id
+
+
+def test_damage_met_by_another_rank_than_0_ends_the_mlflow_run_failed(workspace, tmp_path, capsys):
+    """issue 13: a rank other than 0 reaching data.max_damaged_fraction failed its worker and
+    Ray Train stopped rank 0, whose MLflow run stayed RUNNING."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from pipelines.loaders.schedule import train_batches
+    from pipelines.loaders.shard_reader import ShardIndex
+    from test_reliability import corrupt_rgb
+
+    root, overrides = workspace
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    samples = ShardIndex(shards, "train").samples
+
+    def read_by(rank: int, epoch: int) -> set[int]:  # tiny.yaml: 11 clips per worker, seed 0
+        return {r.index for batch in train_batches(len(samples), 11, rank, 2, 0, epoch) for r in batch}
+
+    # Read by rank 1 in its first two epochs (its second damaged read passes the limit, 0.05 x 21
+    # samples), by rank 0 in neither.
+    victim = min((read_by(1, 0) & read_by(1, 1)) - read_by(0, 0) - read_by(0, 1))
+    corrupt_rgb(Path(samples[victim].path), samples[victim].key)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["--config", str(TINY), *overrides, f"data.shards={shards}", f"tracking.uri={uri}",
+            "data.max_damaged_fraction=0.05", "train.epochs=4", "train.validate_every=12",
+            f"train.storage_path={tmp_path}/runs", "train.run_name=rank1-damage"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "split 'train': 2 of 21 samples damaged" in err
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(client.get_experiment_by_name("stresnet-synthetic").experiment_id)
+    assert run.info.status == "FAILED"
+
+
+def test_evaluate_compares_a_registered_models_class_names(workspace, straight, tmp_path, capsys):
+    """issue 13 item 7 for ``--model-uri``: the registered model.pt carries the class names."""
+    import shutil
+
+    from cluster.evaluate import main as evaluate
+
+    root, overrides = workspace
+    shards = tmp_path / "shards"
+    shutil.copytree(root / "shards", shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    classes = manifest["classes"]
+    manifest["classes"] = [classes[1], classes[0], *classes[2:]]  # the same classes, two swapped
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["--config", str(TINY), *overrides, f"data.shards={shards}",
+            f"eval.output={tmp_path / 'eval'}", "--model-uri", "models:/stresnet-synthetic@current"]
+    assert evaluate(argv) == 2
+    assert (f"the model's classes differ from those of the shards in {shards} at 2 label(s) "
+            f"(label 0: {classes[0]!r} vs {classes[1]!r}") in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
 # Two steps per epoch (6 clips x 2 workers per step), 3 epochs: checkpoints after steps 2, 3
 # (train.checkpoint_every, in the middle of epoch 2), 4 and 6 (epoch ends).
 MID_EPOCH = ["data.batch_size_per_worker=6", "train.global_batch_size=12", "train.epochs=3", "train.checkpoint_every=3",

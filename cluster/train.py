@@ -174,24 +174,16 @@ def run_training(cfg: RunConfig) -> TrainResult:
     try:
         result = trainer.fit()
     except Exception:
-        kept = f"The run's checkpoints in {run_dir} are kept"
         # Whichever rank failed, rank 0's MLflow run must not stay RUNNING (Ray Train stops
         # the other ranks without letting them end it). Best effort: it may be what failed.
         tracking.fail_running_runs(cfg, run_tracking.experiment_id, run_name)
-        if tracking_failed.is_file():
-            raise TrackingFailedError(
-                f"tracking.uri: the MLflow tracking at {cfg.tracking.uri} failed during training: "
-                f"{tracking_failed.read_text().strip()}. {kept}; when it works again continue "
-                f"with train.run_name={run_name} train.resume=true"
-            ) from None
-        if damaged.is_file():  # the skip policy's limit, reached while reading (a named error)
-            raise DamagedShardsError(
-                f"{damaged.read_text().strip()}. {kept}; after fixing the shards continue with "
-                f"train.run_name={run_name} train.resume=true"
-            ) from None
+        raise_named_failure(cfg, run_dir, run_name)
         raise
     finally:
         clear_stop_request(run_name)
+    if damaged.is_file() or tracking_failed.is_file():  # Ray's retry returned at once
+        tracking.fail_running_runs(cfg, run_tracking.experiment_id, run_name)
+        raise_named_failure(cfg, run_dir, run_name)
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
     not_finite = run_dir / LOSS_NOT_FINITE
     if not_finite.is_file():
@@ -219,6 +211,23 @@ def run_training(cfg: RunConfig) -> TrainResult:
         experiment_id=run_tracking.experiment_id,
         stopped=bool((result.metrics or {}).get("stopped_on_request")),
     )
+
+
+def raise_named_failure(cfg: RunConfig, run_dir: Path, run_name: str) -> None:
+    """The named error of a run the workers stopped on purpose (``cluster.worker``'s markers)."""
+    kept = f"The run's checkpoints in {run_dir} are kept"
+    tracking_failed, damaged = run_dir / TRACKING_FAILED, run_dir / DATA_DAMAGED
+    if tracking_failed.is_file():
+        raise TrackingFailedError(
+            f"tracking.uri: the MLflow tracking at {cfg.tracking.uri} failed during training: "
+            f"{tracking_failed.read_text().strip()}. {kept}; when it works again continue "
+            f"with train.run_name={run_name} train.resume=true"
+        ) from None
+    if damaged.is_file():  # the skip policy's limit, reached while reading
+        raise DamagedShardsError(
+            f"{damaged.read_text().strip()}. {kept}; after fixing the shards continue with "
+            f"train.run_name={run_name} train.resume=true"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -233,9 +233,8 @@ def train_loop(loop_config: dict) -> None:
     quiet_ray_train()
     cfg: RunConfig = from_dict(RunConfig, loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
-    for marker in STOP_MARKERS:  # a retry after the data or the tracking failed: don't
-        if (run_dir / marker).is_file():
-            raise RuntimeError(f"{marker}: {(run_dir / marker).read_text().strip()}")
+    if any((run_dir / marker).is_file() for marker in STOP_MARKERS):
+        return  # Ray's retry after the data or the tracking failed: the driver reports it
     worker = setup_worker(cfg)
     model, optimizer, state = build_and_restore(cfg, worker)
 
@@ -268,13 +267,15 @@ def train_loop(loop_config: dict) -> None:
         (run_dir / DATA_DAMAGED).write_text(f"{err}\n")
         if worker.rank == 0:
             tracking.end_run(status="FAILED")
+        quiet_training_error()
         raise
     except MlflowException as err:
         # Rank 0's tracking server or database failed (after MLflow's bounded retries, see
         # cluster/__init__.py). Ray's retries would wait on it again from the last checkpoint:
         # stop, keep the checkpoints, and let the driver name the problem.
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / TRACKING_FAILED).write_text(f"{str(err.message).splitlines()[0][:500]}\n")
+        (run_dir / TRACKING_FAILED).write_text(f"{short_message(str(err.message))}\n")
+        quiet_training_error()
         raise
 
 
@@ -399,6 +400,22 @@ def quiet_ray_train() -> None:
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def short_message(message: str) -> str:
+    """An MLflow error in a line: SQLAlchemy adds the statement, its parameters and notes."""
+    noise = ("[SQL:", "[parameters:", "(Background on this error", "(raised as a result of")
+    lines = [line.strip() for line in message.splitlines()
+             if line.strip() and not line.strip().startswith(noise)]
+    return " ".join(lines)[:500] or message[:500]
+
+
+def quiet_training_error() -> None:
+    """Ray Train logs the traceback of an error raised by the training function; for the named
+    errors raised on purpose above, the driver prints the message instead."""
+    from ray.train.v2._internal import util
+
+    logging.getLogger(util.__name__).setLevel(logging.CRITICAL)
 
 
 def progress(message: str) -> None:

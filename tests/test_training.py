@@ -351,10 +351,13 @@ def test_damage_met_by_another_rank_than_0_ends_the_mlflow_run_failed(workspace,
     def read_by(rank: int, epoch: int) -> set[int]:  # tiny.yaml: 11 clips per worker, seed 0
         return {r.index for batch in train_batches(len(samples), 11, rank, 2, 0, epoch) for r in batch}
 
-    # Read by rank 1 in its first two epochs (its second damaged read passes the limit, 0.05 x 21
-    # samples), by rank 0 in neither.
-    victim = min((read_by(1, 0) & read_by(1, 1)) - read_by(0, 0) - read_by(0, 1))
-    corrupt_rgb(Path(samples[victim].path), samples[victim].key)
+    # The limit (0.05 x 21 samples) is passed by a second damaged sample in one process. Rank 1
+    # meets sample a in epoch 1 and b in epoch 2 (at step 2: rank 0 has opened the MLflow run);
+    # rank 0 meets only b, in epoch 1.
+    a = min(read_by(1, 0) - read_by(0, 0) - read_by(0, 1))
+    b = min((read_by(0, 0) & read_by(1, 1)) - read_by(1, 0))
+    for victim in (a, b):
+        corrupt_rgb(Path(samples[victim].path), samples[victim].key)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     argv = ["--config", str(TINY), *overrides, f"data.shards={shards}", f"tracking.uri={uri}",
             "data.max_damaged_fraction=0.05", "train.epochs=4", "train.validate_every=12",

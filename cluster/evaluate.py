@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cluster.config import RunConfig, add_config_arguments, config_from_args
 from cluster.preflight import PreflightError, check_writable
 from cluster.tracking import TrackingError
 from stresnet.checkpoint import WeightsError
-from stresnet.config import ConfigError, RunConfig, add_config_arguments, config_from_args
+from stresnet.config import ConfigError
 from stresnet.evaluate import collect_scores, family_table, save_report, video_report
 
 

@@ -15,7 +15,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from stresnet.config import ConfigError, ModelConfig, RunConfig, flatten, from_dict, to_dict
+from cluster.config import RunConfig
+from stresnet.config import ConfigError, ModelConfig, flatten, from_dict, to_dict
 from stresnet.train_step import accumulation_steps
 
 

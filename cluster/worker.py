@@ -401,6 +401,9 @@ def quiet_ray_train() -> None:
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # MLflow's sqlite store logs the traceback of a database error that it then raises as an
+    # MlflowException anyway: train_loop names that error (TRACKING_FAILED) in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def short_message(message: str) -> str:

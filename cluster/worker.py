@@ -278,6 +278,12 @@ def train_loop(loop_config: dict) -> None:
         (run_dir / TRACKING_FAILED).write_text(f"{short_message(str(err.message))}\n")
         quiet_training_error()
         raise
+    except Exception:
+        # Another rank stopped the run on purpose (above) and Ray Train is tearing this one
+        # down mid-collective: its error is a consequence, the driver names the cause.
+        if any((run_dir / marker).is_file() for marker in STOP_MARKERS):
+            quiet_training_error()
+        raise
 
 
 def train_epochs(cfg: RunConfig, loop_config: dict, run_dir: Path, worker: Worker, model: nn.Module,

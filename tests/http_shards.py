@@ -1,4 +1,5 @@
-"""A static file server on 127.0.0.1 for the streaming tests, run as its own process:
+"""A static file server on 127.0.0.1 for the streaming tests, run as its own process
+(``Server(folder)`` starts one and reads its port):
 
     python tests/http_shards.py FOLDER [--drop once|always]
 
@@ -14,6 +15,7 @@ import argparse
 import functools
 import http.server
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,6 +42,28 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args):  # quiet
         pass
+
+
+class Server:
+    """tests/http_shards.py in a background process; stopped (by its pid) at the end."""
+
+    def __init__(self, folder: Path, drop: str = "none"):
+        self.folder = folder
+        self.log = folder.parent / "requests.log"
+        self.log.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), str(folder), "--drop", drop],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.port = int(self.process.stdout.readline())
+        self.url = f"http://127.0.0.1:{self.port}/{{name}}"
+
+    def requests(self) -> list[str]:
+        return self.log.read_text().split() if self.log.exists() else []
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
 
 def main() -> None:

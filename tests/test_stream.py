@@ -6,14 +6,13 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from http_shards import Server
 from loader_shards import config, write_shards
 from pipelines.loaders import build_loader
 from pipelines.loaders.clips import ClipSource, decode_clip
@@ -23,7 +22,6 @@ from pipelines.loaders.stream import ClipStream, ShardStreamError, assign
 from stresnet.config import ConfigError
 from stresnet.sampling import normalize_clip
 
-HERE = Path(__file__).resolve().parent
 # 11 training videos in shards of 3, 3, 3, 2 samples: ranks load 6 and 5 (one top-up clip on
 # rank 1 at batch size 2), so the equal-steps rule is exercised.
 TRAIN_FRAMES = [8, 9, 10, 12, 7, 8, 9, 11, 6, 8, 10]
@@ -33,28 +31,6 @@ TRAIN_FRAMES = [8, 9, 10, 12, 7, 8, 9, 11, 6, 8, 10]
 def shards(tmp_path_factory) -> Path:
     return write_shards(tmp_path_factory.mktemp("stream") / "shards",
                         {"train": TRAIN_FRAMES, "test": [8, 9]}, per_shard=3)
-
-
-class Server:
-    """tests/http_shards.py in a background process; stopped (by its pid) at the end."""
-
-    def __init__(self, folder: Path, drop: str = "none"):
-        self.folder = folder
-        self.log = folder.parent / "requests.log"
-        self.log.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "http_shards.py"), str(folder), "--drop", drop],
-            stdout=subprocess.PIPE, text=True,
-        )
-        self.port = int(self.process.stdout.readline())
-        self.url = f"http://127.0.0.1:{self.port}/{{name}}"
-
-    def requests(self) -> list[str]:
-        return self.log.read_text().split() if self.log.exists() else []
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +214,16 @@ def test_a_pipe_command_url_streams_too(shards):
     loader = build_loader(cfg, "train", 1, 2, backend="cpu", train=True)
     batches = epoch_batches(loader, 0)
     assert len(batches) == 3 and np.all([b["rgb"].shape[0] == 2 for b in batches])
+
+
+def test_preflight_opens_the_first_streamed_shard(shards, server, tmp_path):
+    from cluster.preflight import PreflightError, preflight
+
+    preflight(stream_config(shards, server.url))  # reachable: passes
+    with pytest.raises(PreflightError, match=r"data.stream_url: http://127.0.0.1:9/train-p000-00000.tar: "
+                       r"cannot be read"):
+        preflight(stream_config(shards, "http://127.0.0.1:9/{name}"))
+    (tmp_path / "train-p000-00000.tar").write_text("<html>not found</html>")
+    with pytest.raises(PreflightError, match=rf"data.stream_url: {tmp_path}/train-p000-00000.tar: "
+                       r"does not start like a tar file \(got 22 bytes\)"):
+        preflight(stream_config(shards, f"{tmp_path}/{{name}}"))

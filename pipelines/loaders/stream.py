@@ -287,6 +287,26 @@ def stream_samples(shard: StreamShard, retries: int) -> Iterator[dict]:
             time.sleep(min(0.2 * 2 ** attempt, 5.0))
 
 
+def probe(cfg: RunConfig, split: str) -> None:
+    """Open the split's first shard and read its first tar header: ``ShardStreamError`` naming
+    the URL if it cannot be opened or does not start like a tar (preflight, before any worker)."""
+    from webdataset.gopen import gopen
+
+    url = shard_urls(cfg, split)[0].url
+    stream = None
+    try:
+        stream = gopen(url)
+        header = stream.read(512)
+        if len(header) < 512:  # a failed command or transfer: its exit status says why
+            _close(stream)
+    except Exception as err:  # noqa: BLE001 -- whatever the transport raises, name the URL
+        raise ShardStreamError(f"{url}: cannot be read ({type(err).__name__}: {err})") from None
+    finally:
+        _close(stream, quiet=True)
+    if len(header) < 512 or header[257:262] != b"ustar":
+        raise ShardStreamError(f"{url}: does not start like a tar file (got {len(header)} bytes)")
+
+
 def complete(sample: dict) -> bool:
     """Whether a streamed sample has every member its json promises (3N - 2 JPEGs)."""
     try:

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from http_shards import Server
-from loader_shards import config, write_shards
+from loader_shards import config, replace_member, write_shards
 from pipelines.loaders import build_loader
 from pipelines.loaders.clips import ClipSource, decode_clip
 from pipelines.loaders.schedule import ClipRequest
-from pipelines.loaders.shard_reader import ShardIndex
+from pipelines.loaders.shard_reader import DamagedShardsError, ShardIndex
 from pipelines.loaders.stream import ClipStream, ShardStreamError, assign
 from stresnet.config import ConfigError
 from stresnet.sampling import normalize_clip
@@ -106,9 +106,10 @@ def test_the_stream_is_deterministic_and_reshuffled_each_epoch(shards, server):
     torch.testing.assert_close(epoch_batches(first, 2)[1]["flow"], epoch_batches(again, 2)[1]["flow"])
 
 
-def test_dali_loader_streams_the_same_batches_as_the_cpu_loader(shards, server):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dali_loader_streams_the_same_batches_as_the_cpu_loader(shards, server, workers):
     pytest.importorskip("nvidia.dali")
-    cfg = stream_config(shards, server.url, **{"data.dali_device": "cpu"})
+    cfg = stream_config(shards, server.url, **{"data.dali_device": "cpu", "data.loader_workers": workers})
     cpu = build_loader(cfg, "train", 0, 2, backend="cpu", train=True)
     dali = build_loader(cfg, "train", 0, 2, backend="dali", train=True)
     assert len(dali) == len(cpu) == 3
@@ -227,3 +228,19 @@ def test_preflight_opens_the_first_streamed_shard(shards, server, tmp_path):
     with pytest.raises(PreflightError, match=rf"data.stream_url: {tmp_path}/train-p000-00000.tar: "
                        r"does not start like a tar file \(got 22 bytes\)"):
         preflight(stream_config(shards, f"{tmp_path}/{{name}}"))
+
+
+def test_a_damaged_streamed_sample_is_skipped_counted_and_replaced(tmp_path):
+    folder = write_shards(tmp_path / "shards", {"train": [6, 7, 8, 9, 6, 7]}, per_shard=3)
+    replace_member(folder / "train-p000-00000.tar", "v001.json", b"{not json")
+    cfg = config(folder, **{"data.access": "stream", "data.max_damaged_fraction": 0.5})
+    loader = build_loader(cfg, "train", 0, 1, backend="cpu", train=True)
+    batches = epoch_batches(loader, 0)
+    assert len(batches) == 3 and all(len(b["video_id"]) == 2 for b in batches)  # still full
+    videos = [v for b in batches for v in b["video_id"]]
+    assert "v001" not in videos and set(videos) == {"v000", "v002", "v003", "v004", "v005"}
+    assert sum(b["skipped"] for b in batches) == 1 == loader.skipped
+    strict = build_loader(config(folder, **{"data.access": "stream"}), "train", 0, 1,
+                          backend="cpu", train=True)
+    with pytest.raises(DamagedShardsError, match=r"split 'train' \(streamed\): 1 of 6 samples damaged"):
+        epoch_batches(strict, 0)

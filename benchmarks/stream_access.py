@@ -40,7 +40,7 @@ from benchmarks.results import markdown_table, write_section
 from pipelines.loaders import build_loader
 from pipelines.loaders.clips import decode_clip
 from pipelines.loaders.stream import ClipStream
-from stresnet.config import load_config
+from cluster.config import load_config
 
 WORLD = 2
 RAY_ROW = "Ray Data read_webdataset + streaming_split(equal)"

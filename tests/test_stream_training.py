@@ -12,7 +12,7 @@ import torch
 from cluster.train import run_training
 from http_shards import Server
 from stresnet.checkpoint import load_train_state
-from stresnet.config import load_config
+from cluster.config import load_config
 from test_training import TINY, assert_same_weights, final_weights
 
 # 21 training videos in shards of 4 (4, 4, 4, 4, 4, 1): ranks load 12 and 9 clips, 2 batches of

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from pipelines.config import PipelineConfig
 from pipelines.loaders.clips import ClipSource
 from pipelines.loaders.schedule import Schedule
 from pipelines.loaders.shard_reader import ShardIndex
-from stresnet.config import RunConfig
 
 
 def build_loader(
-    cfg: RunConfig,
+    cfg: PipelineConfig,
     split: str,
     rank: int,
     world_size: int,
@@ -73,7 +73,7 @@ def build_loader(
     )
 
 
-def _dali_device(cfg: RunConfig) -> torch.device:
+def _dali_device(cfg: PipelineConfig) -> torch.device:
     """Where the DALI loader decodes and returns its batches (``data.dali_device``)."""
     use_gpu = cfg.data.dali_device == "gpu" or (
         cfg.data.dali_device == "auto" and torch.cuda.is_available()

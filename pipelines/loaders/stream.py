@@ -50,12 +50,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipelines.config import PipelineConfig
 from pipelines.loaders.clips import EncodedClip, decode_clip
 from pipelines.loaders.shard_reader import (
     DamagedShardsError, SampleError, _jpeg_size, check_damaged, check_jpeg, clip_member_names,
 )
 from pipelines.shard_format import MANIFEST, read_manifest, rgb_member
-from stresnet.config import RunConfig
 from stresnet.sampling import normalize_clip, train_plan
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class StreamedClip(EncodedClip):
     video_id: str = ""
 
 
-def shard_urls(cfg: RunConfig, split: str) -> list[StreamShard]:
+def shard_urls(cfg: PipelineConfig, split: str) -> list[StreamShard]:
     """The shards of ``split`` listed in ``data.shards/manifest.json``, each at
     ``data.stream_url`` with ``{name}`` replaced by its file name (default: the file in
     ``data.shards``)."""
@@ -133,7 +133,7 @@ class ClipStream:
 
     _RANKS, _WORKERS, _SHUFFLE = 1, 2, 3  # salts of the random streams
 
-    def __init__(self, cfg: RunConfig, split: str, rank: int, world_size: int):
+    def __init__(self, cfg: PipelineConfig, split: str, rank: int, world_size: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.shards = shard_urls(cfg, split)
@@ -287,7 +287,7 @@ def stream_samples(shard: StreamShard, retries: int) -> Iterator[dict]:
             time.sleep(min(0.2 * 2 ** attempt, 5.0))
 
 
-def probe(cfg: RunConfig, split: str) -> None:
+def probe(cfg: PipelineConfig, split: str) -> None:
     """Open the split's first shard and read its first tar header: ``ShardStreamError`` naming
     the URL if it cannot be opened or does not start like a tar (preflight, before any worker)."""
     from webdataset.gopen import gopen
@@ -521,7 +521,7 @@ class _Feed:
         return _BatchReader(self.source, None, None).outputs(read)
 
 
-def build_stream_loader(cfg: RunConfig, split: str, rank: int, world_size: int,
+def build_stream_loader(cfg: PipelineConfig, split: str, rank: int, world_size: int,
                         backend: str, device: torch.device | None = None):
     """The training loader of ``split`` for one rank in ``data.access: stream``
     (``build_loader`` calls this; benchmarks may too)."""

@@ -154,11 +154,9 @@ class ClipStream:
         self.buffer = cfg.data.stream_shuffle_buffer
         self.retries = cfg.data.stream_retries
         self.max_damaged_fraction = cfg.data.max_damaged_fraction
-        self.num_samples = sum(s.samples for s in self.shards)
-        # The same on every rank and in every epoch (see ``assign``).
+        # Batches per epoch: the same on every rank and in every epoch (see ``assign``).
         sizes = [s.samples for s in self.shards]
         loads = [sum(sizes[i] for i in part) for part in assign(sizes, world_size, 0, 0, 0)]
-        self.rank_samples = loads[rank]
         self.batches = math.ceil(max(loads) / self.batch_size)
 
     def rank_shards(self, epoch: int) -> list[StreamShard]:

@@ -43,6 +43,10 @@ from pipelines.loaders.stream import ClipStream
 from cluster.config import load_config
 
 WORLD = 2
+NOTES = """Ray's "build" includes starting a local Ray (`ray.init`), which a Ray Train job has
+already paid. Memory is the PSS of the row's process tree. On a shared machine clips/s is noisy
+between runs; batches per rank and videos seen are not. Discussion: docs/loaders.md, "Why a
+WebDataset stream and not Ray Data"."""
 RAY_ROW = "Ray Data read_webdataset + streaming_split(equal)"
 
 
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{args.per_shard} per shard; clips T=5, L=10, {args.size} px, batch "
                  f"{args.batch} per rank, 1 loader process per rank (Ray: 2 CPUs)")
         write_section("stream_access", f"## Streaming: WebDataset stream vs Ray Data\n\n"
-                      f"`python -m benchmarks.stream_access` ({setup}).\n\n{table}")
+                      f"`python -m benchmarks.stream_access` ({setup}).\n\n{table}\n\n{NOTES}")
 
 
 if __name__ == "__main__":

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cluster.local_ray import announced_gcs_port, secure_local_ray
 from cluster.preflight import PreflightError, fetch_registered_init, preflight, resolve_run_name
 from cluster.worker import (
     DATA_DAMAGED,
@@ -77,67 +76,6 @@ class TrainResult:
 LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before giving up (see connect_ray)
 
 
-def secure_local_ray() -> None:
-    """Token authentication for the local Ray this process starts (``cluster.address`` None).
-
-    Ray's GCS, raylet and object manager listen on every interface whatever the node address
-    (``ray.init(_node_ip_address="127.0.0.1")`` is mapped back to the host's address), so binding
-    to 127.0.0.1 cannot keep other machines out; Ray's token authentication does: a client
-    without the token is refused by every Ray server. The token is this process's own
-    (``RAY_AUTH_TOKEN``, inherited by the Ray processes it starts), never written to disk, so
-    neither another machine nor another user or run on this host can connect to the run's Ray.
-    A token or ``RAY_AUTH_MODE`` of the user's own wins.
-
-    Ray reads ``RAY_AUTH_MODE`` once, when first imported, so it is set here only if Ray is not
-    imported yet (``stresnet train``: this runs before any Ray import). Otherwise Ray itself turns
-    token mode on for a new local cluster when the variable is unset (Ray >= 2.59).
-    """
-    import secrets
-
-    mode = os.environ.get("RAY_AUTH_MODE")
-    if mode is not None and mode.lower() != "token":
-        return  # the user's explicit choice; connect_ray says what it means
-    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-        if mode is None or "ray" not in sys.modules:  # else Ray may have loaded a token already
-            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    if "ray" not in sys.modules:
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def free_port() -> int:
-    """A TCP port no process listens on now (the kernel's choice)."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def announced_gcs_port():
-    """While starting a local Ray: its GCS port chosen here, ``RAY_ADDRESS`` naming it.
-
-    The Ray processes a local ``ray.init`` starts inherit this environment, and so do the
-    workers they start. Ray Train's placement-group cleaner (a detached actor) asks Ray's state
-    API for "the" local Ray: without ``RAY_ADDRESS`` it looks for running Ray instances and,
-    with another one on the host, dies with "Found multiple active Ray instances". With it, it
-    asks this run's Ray. ``RAY_GCS_SERVER_PORT`` makes Ray's head use the port chosen here, so
-    the address is known before the processes start. The driver's own environment is restored:
-    ``address="local"`` ignores ``RAY_ADDRESS`` anyway, and nothing later in this process should
-    follow it to a Ray that has stopped.
-    """
-    port = free_port()
-    saved = {name: os.environ.get(name) for name in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    # 127.0.0.1: Ray maps it to the host's address, where the GCS listens too.
-    os.environ.update(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_GCS_SERVER_PORT=str(port))
-    try:
-        yield port
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def connect_ray(cfg: RunConfig) -> str:
     """Start a local Ray (``cluster.address`` None) or join a running one; returns its address."""
     if cfg.cluster.address is None:
@@ -160,6 +98,8 @@ def connect_ray(cfg: RunConfig) -> str:
                 include_dashboard=cfg.cluster.dashboard,
                 dashboard_host=cfg.cluster.dashboard_host,
                 logging_config=ray.LoggingConfig(log_level="ERROR"),
+                # Ray Train logs at WARNING (run_training); some of its warnings are none here.
+                runtime_env={"worker_process_setup_hook": "cluster.local_ray.quiet_ray_train"},
             )
             # Ray Train's preemption watcher follows node draining (autoscaled, preemptible
             # clusters); a local Ray's only node is never drained, and the watcher's start

@@ -11,6 +11,7 @@ before any Ray import), in a fresh process.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = r"""
-import json, os, sys
+import json, logging, os, sys
+from cluster.local_ray import NOISE
 from cluster.train import connect_ray
 from stresnet.config import RunConfig
 
@@ -36,7 +38,9 @@ listening = sorted({
 print(json.dumps({"gcs": gcs, "token": os.environ.get("RAY_AUTH_TOKEN"),
                   "mode": os.environ.get("RAY_AUTH_MODE"), "listening": listening,
                   "cleaner_address": ray.get(ray.remote(lambda: os.environ.get("RAY_ADDRESS")).remote()),
-                  "driver_address": os.environ.get("RAY_ADDRESS")}), flush=True)
+                  "driver_address": os.environ.get("RAY_ADDRESS"),
+                  "noise_level": ray.get(ray.remote(lambda: logging.getLogger(NOISE[0]).level).remote())}),
+      flush=True)
 sys.stdin.readline()  # the test's clients connect meanwhile
 ray.shutdown()
 """
@@ -82,3 +86,5 @@ def test_a_local_run_refuses_clients_without_its_own_token(tmp_path):
     # through RAY_ADDRESS, not by looking for "the" Ray on the host; the driver keeps its own.
     assert started["cleaner_address"].endswith(":" + started["gcs"].rsplit(":", 1)[1])
     assert started["driver_address"] is None
+    # Ray Train's "safe to ignore" warnings with tracebacks are not printed (setup hook).
+    assert started["noise_level"] == logging.ERROR

@@ -81,6 +81,15 @@ NOISE = ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinato
 
 
 def quiet_ray_train() -> None:
-    """Setup hook of every process of a local Ray: Ray Train's known non-errors stay unprinted."""
+    """Setup hook of every process of a local Ray: Ray Train's known non-errors stay unprinted.
+
+    A filter, not a level: Ray Train configures its loggers (``logging.config.dictConfig``) after
+    this hook has run, which resets the levels of the ``ray.train`` logger's children but keeps
+    their filters.
+    """
     for name in NOISE:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).addFilter(errors_only)
+
+
+def errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR

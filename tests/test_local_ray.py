@@ -22,7 +22,7 @@ DRIVER = r"""
 import json, logging, os, sys
 from cluster.local_ray import NOISE
 from cluster.train import connect_ray
-from stresnet.config import RunConfig
+from cluster.config import RunConfig
 
 gcs = connect_ray(RunConfig())
 import logging.config

@@ -408,8 +408,9 @@ def quiet_ray_train() -> None:
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     # MLflow's sqlite store logs the traceback of a database error that it then raises as an
-    # MlflowException anyway: train_loop names that error (TRACKING_FAILED) in one line.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # MlflowException anyway: train_loop names that error (TRACKING_FAILED) in one line. A
+    # filter, not a level (see cluster/local_ray.py: logging set-ups reset levels, not filters).
+    logging.getLogger("mlflow.store.db.utils").addFilter(_not_errors)
 
 
 def short_message(message: str) -> str:
@@ -425,7 +426,11 @@ def quiet_training_error() -> None:
     errors raised on purpose above, the driver prints the message instead."""
     from ray.train.v2._internal import util
 
-    logging.getLogger(util.__name__).setLevel(logging.CRITICAL)
+    logging.getLogger(util.__name__).addFilter(_not_errors)
+
+
+def _not_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 def progress(message: str) -> None:

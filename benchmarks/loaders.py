@@ -196,14 +196,23 @@ def measure(loader, epochs: int) -> dict[str, float]:
 
 
 def stub_network_input(jpegs, anchors, shapes, mirror, mean, std, color, size, settings):
-    """Stands in for ``dali.network_input``: parses each JPEG's header (so the bytes really
-    arrive) and returns a (C, 1, 1) image instead of decoding."""
+    """Stands in for ``dali.network_input`` (decode + resize + normalise): it takes every input
+    the real operators take per JPEG -- the bytes (their row length, read without decoding), crop
+    anchor and shape, output size, mirror flag and, for flow, the normalisation -- so everything
+    that feeds them still runs, and returns them as a tiny (C, 1, k) "image" per JPEG. Its own
+    operators (casts, reshapes, shape, cat) cost ~0.5 us per JPEG each."""
     from nvidia.dali import fn, types
 
-    channels = 3 if color else 1
-    header = fn.peek_image_shape(jpegs)  # (H, W, C)
-    dtype = types.FLOAT16 if settings.dtype == "float16" else types.FLOAT
-    return fn.reshape(fn.cast(header[0:channels], dtype=dtype), shape=[channels, 1, 1])
+    flag = fn.reshape(fn.cast(mirror, dtype=types.FLOAT), shape=[1])
+    values = [anchors, shapes, size, flag, fn.cast(jpegs.shape(), dtype=types.FLOAT)]
+    if color:  # 2 + 2 + 2 + 1 + 1 + 1 values: (3, 1, 3)
+        values.append(flag)
+        shape = [3, 1, 3]
+    else:  # 10 values: (1, 1, 10)
+        values += [mean, std]
+        shape = [1, 1, 10]
+    image = fn.reshape(fn.cat(*values, axis=0), shape=shape)
+    return fn.cast(image, dtype=types.FLOAT16) if settings.dtype == "float16" else image
 
 
 @contextlib.contextmanager

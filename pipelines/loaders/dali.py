@@ -204,11 +204,12 @@ def _layout(per_clip: dict[str, list[int]], two_l: int) -> tuple[np.ndarray, ...
     """clip, field and is_rgb of every row, for ``per_clip[modality]`` = JPEGs of each clip."""
     clip, field, is_rgb = [], [], []
     for modality, counts in per_clip.items():
+        counts = np.asarray(counts, dtype=np.int64)
         per_position = 1 if modality == "rgb" else two_l
-        for c, n in enumerate(counts):
-            clip.append(np.full(n, c))
-            field.append(np.arange(n) % per_position)
-            is_rgb.append(np.full(n, modality == "rgb"))
+        first = np.repeat(np.cumsum(counts) - counts, counts)  # each row's clip's first row
+        clip.append(np.repeat(np.arange(len(counts)), counts))
+        field.append((np.arange(counts.sum()) - first) % per_position)
+        is_rgb.append(np.full(counts.sum(), modality == "rgb"))
     return np.concatenate(clip), np.concatenate(field), np.concatenate(is_rgb)
 
 
@@ -247,11 +248,13 @@ def _read_fast(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead | 
     jpegs = np.zeros((len(where), _align(int(where[:, 1].max()))), dtype=np.uint8)
     paths = {}
     file_of_clip = np.array([paths.setdefault(r.path, len(paths)) for r in refs])
-    if not _read_members(list(paths), file_of_clip[clip], where, jpegs):
+    read = _read_members(list(paths), file_of_clip[clip], where, jpegs)
+    if read is None:
         return None
-    heights = np.array([r.height for r in refs])[clip]
-    widths = np.array([r.width for r in refs])[clip]
-    if not check_packed(jpegs, where[:, 1], heights, widths).all():
+    # the rows read (the others are copies of them)
+    heights = np.array([r.height for r in refs])[clip[read]]
+    widths = np.array([r.width for r in refs])[clip[read]]
+    if not check_packed(jpegs, where[read, 1], heights, widths, rows=read).all():
         return None
     meta = np.array([[r.index, 0, p.flip, 1, r.view] for r, p in zip(requests, plans)], np.int64)
     boxes = np.array([[p.box.x, p.box.y, p.box.w, p.box.h] for p in plans], np.int32)
@@ -306,12 +309,14 @@ def _align(n: int) -> int:
     return max(ROW_ALIGN, -(-n // ROW_ALIGN) * ROW_ALIGN)
 
 
-def _read_members(paths: list[str], files: np.ndarray, where: np.ndarray, out: np.ndarray) -> bool:
+def _read_members(paths: list[str], files: np.ndarray, where: np.ndarray,
+                  out: np.ndarray) -> np.ndarray | None:
     """Read member k (``where[k]`` = offset, size, CRC-32 or -1, in ``paths[files[k]]``) into
     ``out[k, :size]``: one ``os.preadv`` per span of neighbouring members of a file, each member
     once (a flow field in two overlapping stacks is read and checksummed once, then copied).
-    False if a file is shorter than expected or a member's bytes do not match its CRC-32 (the
-    index files' checksums: the reference path then skips and counts the damaged sample)."""
+    Returns the rows read (the others are copies), or None if a file is shorter than expected or
+    a member's bytes do not match its CRC-32 (the index files' checksums: the reference path then
+    skips and counts the damaged sample)."""
     n = len(where)
     order = np.lexsort((where[:, 0], files))
     file, offset, size, crc = files[order], where[order, 0], where[order, 1], where[order, 2]
@@ -341,16 +346,16 @@ def _read_members(paths: list[str], files: np.ndarray, where: np.ndarray, out: n
                 buffers[1::2] = gaps[lo + 1 : hi]
                 want = int(end[hi - 1] - offset[lo])
                 if os.preadv(fds[int(file[lo])], buffers, int(offset[lo])) != want:
-                    return False
+                    return None
     checked = np.flatnonzero(crc >= 0).tolist()
     if checked:
         found = np.array([zlib.crc32(views[k]) for k in checked], dtype=np.int64)
         if (found != crc[checked]).any():
-            return False
+            return None
     copies = order[dup]
     if copies.size:
         out[copies] = out[holder[dup]]
-    return True
+    return rows
 
 
 @contextlib.contextmanager
@@ -363,29 +368,35 @@ def _opened(path: str):
 
 
 def check_packed(jpegs: np.ndarray, lengths: np.ndarray, heights: np.ndarray,
-                 widths: np.ndarray, max_segments: int = 32) -> np.ndarray:
+                 widths: np.ndarray, max_segments: int = 32,
+                 rows: np.ndarray | None = None) -> np.ndarray:
     """``shards.check_jpeg`` for a whole packed batch at once: True where row k is a complete JPEG
     (start marker, end marker in its last 16 bytes) whose first start-of-frame segment says
     ``heights[k] x widths[k]``. It walks the marker segments of all rows in lockstep; a row whose
     frame header comes after more than ``max_segments`` segments is reported False (the caller
-    then runs the exact scalar check). It never accepts what ``check_jpeg`` rejects."""
-    n = len(jpegs)
+    then runs the exact scalar check). It never accepts what ``check_jpeg`` rejects. ``rows``:
+    check only these rows of ``jpegs`` (``lengths``, ``heights``, ``widths`` are theirs)."""
+    width = jpegs.shape[1]
+    flat = jpegs.reshape(-1)
+    rows = np.arange(len(jpegs)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(rows)
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if n == 0:
         return np.ones(0, dtype=bool)
-    rows = np.arange(n)
-    last = jpegs.shape[1] - 1
-    ok = (lengths >= 4) & (jpegs[:, 0] == 0xFF) & (jpegs[:, 1] == 0xD8)
+    base = rows * width  # where each row starts in ``flat``
+    last = width - 1
+    head = flat[base[:, None] + np.arange(2)]
+    ok = (lengths >= 4) & (head[:, 0] == 0xFF) & (head[:, 1] == 0xD8)
     start = np.maximum(lengths - 16, 0)
     window = np.arange(16)
-    idx = np.minimum(start[:, None] + window, last)
-    tail = jpegs[rows[:, None], idx]
+    tail = flat[base[:, None] + np.minimum(start[:, None] + window, last)]
     inside = window[None, :] < (lengths - start)[:, None]
     ok &= ((tail[:, :-1] == 0xFF) & (tail[:, 1:] == 0xD9) & inside[:, 1:]).any(axis=1)
 
     size_ok = np.zeros(n, dtype=bool)
     position = np.full(n, 2, dtype=np.int64)
     active = ok.copy()
+    segment = np.arange(9)
     for _ in range(max_segments):
         act = np.flatnonzero(active)
         if act.size == 0:
@@ -393,17 +404,17 @@ def check_packed(jpegs: np.ndarray, lengths: np.ndarray, heights: np.ndarray,
         p = position[act]
         room = p + 9 < lengths[act]
         q = np.minimum(p, last - 9)
-        byte = jpegs[act, q]
-        marker = jpegs[act, q + 1]
+        # marker byte, marker, segment length (2), precision, height (2), width (2)
+        head = flat[(base[act] + q)[:, None] + segment].astype(np.int64)
+        byte, marker = head[:, 0], head[:, 1]
         stop = ~room | (byte != 0xFF)
         fill = ~stop & (marker == 0xFF)
         frame = ~stop & ~fill & _SOF[marker]
-        height = jpegs[act, q + 5].astype(np.int64) * 256 + jpegs[act, q + 6]
-        width = jpegs[act, q + 7].astype(np.int64) * 256 + jpegs[act, q + 8]
+        height = head[:, 5] * 256 + head[:, 6]
+        width_ = head[:, 7] * 256 + head[:, 8]
         size_ok[act[frame]] = (height[frame] == heights[act[frame]]) & (
-            width[frame] == widths[act[frame]])
-        length = jpegs[act, q + 2].astype(np.int64) * 256 + jpegs[act, q + 3]
-        position[act] = np.where(fill, p + 1, p + 2 + length)
+            width_[frame] == widths[act[frame]])
+        position[act] = np.where(fill, p + 1, p + 2 + head[:, 2] * 256 + head[:, 3])
         active[act[stop | frame]] = False
     return ok & size_ok
 

@@ -13,10 +13,12 @@ what decodes them:
 * ``shards, DALI (mixed)``: only with ``--device cuda``: ``data.dali_device=gpu``, nvJPEG decode
   and resize on the GPU, clips delivered as CUDA tensors.
 * ``DALI, decoding stubbed``: the DALI loader with its decode + resize + normalise graph
-  (``dali.network_input``) replaced by a header parse that returns a 1x1 image per JPEG: what is
-  left is the Python side end to end (schedule, clip plans, shard reads, JPEG checks, packing,
-  the hand-over through shared memory, ``fn.slice``, and the batch assembly on the main thread),
-  i.e. the ceiling the loader puts on a GPU that decodes infinitely fast.
+  (``dali.network_input``) replaced by ``stub_network_input``, which takes every per-JPEG input
+  the real operators take and returns a tiny image per JPEG: what is left is the Python side end
+  to end (schedule, clip plans, shard reads, JPEG checks, packing, the hand-over through shared
+  memory, DALI's split into the two modalities, and the batch assembly on the main thread), i.e.
+  the ceiling the loader puts on a GPU that decodes infinitely fast -- plus the stub's own few
+  operators per JPEG.
 
 "main thread ms/clip" is the CPU time of the training process's main thread alone
 (``time.thread_time``) per clip during the timed epochs: the part that does not overlap with the
@@ -70,13 +72,14 @@ With a warm page cache on a local disk, rawframes pays only for ~105 file opens 
 network file system each open is a metadata round trip, which the shard layout avoids (not
 measured here). The DALI loader decodes a whole batch per modality (one RGB and one flow decoder
 over every JPEG of the batch) and normalises in `crop_mirror_normalize`, so its training-process
-main thread only feeds three arrays per batch and wraps the outputs (`torch.from_dlpack`); the CPU
+main thread only feeds a fixed set of arrays per batch and wraps the outputs (`torch.from_dlpack`); the CPU
 loader's main thread receives uint8 crops and normalises them itself. DALI's CPU mode is the
 fallback without a GPU and the parity reference; on a GPU (`--device cuda`, row "DALI (mixed)")
 decoding, resizing and normalising run on the device, and `benchmarks/gpu.py` measures the rest.
 The stubbed row is the Python side's ceiling on this machine: schedule, clip plans, shard reads,
-checks, packing, shared-memory hand-over and batch assembly, with DALI's decode graph replaced by a
-header parse."""
+checks, packing, shared-memory hand-over, the split into modalities and batch assembly, with
+DALI's decode graph replaced by a stub that takes the same inputs (its own operators, ~6 per JPEG,
+are part of the figure)."""
 
 
 def encode(image: np.ndarray) -> bytes:

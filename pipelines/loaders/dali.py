@@ -15,15 +15,21 @@ for RGB, ``(byte - 128) / FLOW_SCALE`` for flow, a flipped x field negated as ``
 GPU under bf16 autocast): the network's input. ``torch.from_dlpack`` hands it over without a copy
 (on the GPU, ordered on the current stream).
 
-**Batch-level hand-over.** A worker returns three dense arrays per batch: every JPEG of the
-batch as one row of a zero-padded ``(N, longest)`` uint8 array (``fn.slice`` cuts the rows back to
-the exact bytes inside DALI), one int32 row of arguments per JPEG (crop, mirror, modality,
-length, and the clips' metadata), and the flow normalisation. The training process's main thread
-therefore feeds three arrays per batch instead of one per JPEG. Workers read each shard once per
-span of neighbouring members (``os.preadv`` straight into the rows) and check every JPEG's
-markers and size with vectorised code; any clip that is not perfectly in order sends the whole
-batch through the reference path (``ClipSource.load``: the same checks, warnings and
-substitutions as the CPU loader), so both loaders skip the same samples.
+**Batch-level hand-over.** A worker returns a few dense arrays per batch (``output_names``):
+every JPEG of the batch as one row of a zero-padded ``(N, longest)`` uint8 array, and one array
+per argument that a DALI operator takes per JPEG (crop anchor and shape, mirror flag, output
+size, flow normalisation, modality), already in the type the operator wants, plus the clips'
+metadata. So the training process's main thread feeds a fixed number of arrays per batch, not one
+per JPEG, and nothing is sliced or cast per JPEG inside DALI: there every per-JPEG operator costs
+~1-2 us of CPU per JPEG (``fn.slice`` back to the exact bytes ~6 us), which measured as more than
+all the rest of the hand-over. The decoder gets each row whole: it stops at the JPEG's end
+marker, so the zero padding after it is never read (libjpeg-turbo: the packed vs per-sample test;
+nvJPEG: ``benchmarks/gpu.py``'s parity section). Workers read each shard once per span of
+neighbouring members (``os.preadv`` straight into the rows; a flow field shared by overlapping
+stacks is read and checksummed once and copied) and check every JPEG's markers and size with
+vectorised code; any clip that is not perfectly in order sends the whole batch through the
+reference path (``ClipSource.load``: the same checks, warnings and substitutions as the CPU
+loader), so both loaders skip the same samples.
 
 **Built once.** The pipeline lives as long as the loader. A small control block shared with the
 workers says which DALI epoch (``BatchInfo.epoch_idx``) produces which of our epochs, so any

@@ -229,13 +229,19 @@ def stub_network_input(jpegs, anchors, shapes, mirror, mean, std, color, size, s
     from nvidia.dali import fn, types
 
     flag = fn.reshape(fn.cast(mirror, dtype=types.FLOAT), shape=[1])
-    values = [anchors, shapes, size, flag, fn.cast(jpegs.shape(), dtype=types.FLOAT)]
-    if color:  # 2 + 2 + 2 + 1 + 1 + 1 values: (3, 1, 3)
-        values.append(flag)
-        shape = [3, 1, 3]
-    else:  # 10 values: (1, 1, 10)
+    values = [anchors, shapes, flag, fn.cast(jpegs.shape(), dtype=types.FLOAT)]
+    count = 6
+    if not isinstance(size, list):  # per-JPEG sizes (full_frame views; else a constant)
+        values.append(size)
+        count += 2
+    if not color:
         values += [mean, std]
-        shape = [1, 1, 10]
+        count += 2
+    channels = 3 if color else 1
+    while count % channels:
+        values.append(flag)
+        count += 1
+    shape = [channels, 1, count // channels]
     image = fn.reshape(fn.cat(*values, axis=0), shape=shape)
     return fn.cast(image, dtype=types.FLOAT16) if settings.dtype == "float16" else image
 

@@ -135,6 +135,9 @@ class _BatchReader:
         self.schedule = schedule  # epoch -> list of batches of ClipRequest
         self.control = control
         self.packed = packed  # False: one array per JPEG (the reference the tests compare with)
+        # Output sizes differ between JPEGs only for full_frame test views (input_size otherwise)
+        self.sizes_vary = schedule is None or (
+            bool(schedule.num_views) and source.sampling.test_crops == "full_frame")
         self._cache: tuple[int, list] | None = None
 
     def __getstate__(self):
@@ -182,16 +185,17 @@ class _BatchReader:
         meta[: len(read.meta), :META_COLUMNS] = read.meta
         meta[: len(read.meta), META_COLUMNS] = 1
         out["meta"] = meta
-        return tuple(out[name] for name in output_names(self.source))
+        return tuple(out[name] for name in output_names(self.source, self.sizes_vary))
 
 
-def output_names(source: ClipSource) -> tuple[str, ...]:
+def output_names(source: ClipSource, sizes_vary: bool = True) -> tuple[str, ...]:
     """What the external source hands over per batch, in order: the packed JPEGs, the crop
     (anchor x, y and shape w, h in pixels), mirror flag and output size (height, width) of each,
     the flow normalisation (mean, std; RGB uses constants), the modality that splits a
     two-stream batch, and the clip metadata (``META_COLUMNS``). Only what the graph uses: DALI
-    warns about outputs that go nowhere."""
-    names = ["jpegs", "anchor", "shape", "mirror", "size"]
+    warns about outputs that go nowhere; without ``sizes_vary`` every JPEG is resized to
+    ``input_size`` square, a constant of the graph."""
+    names = ["jpegs", "anchor", "shape", "mirror"] + (["size"] if sizes_vary else [])
     if source.use_flow:
         names += ["mean", "std"]
     if source.use_rgb and source.use_flow:
@@ -480,7 +484,7 @@ def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: i
         extra = {}
         if parallel:  # depth >= workers keeps every worker busy; the hint sizes shared memory once
             extra = {"prefetch_queue_depth": 2 * workers, "bytes_per_sample_hint": hint}
-        names = output_names(source)
+        names = output_names(source, reader.sizes_vary)
         inputs = dict(zip(names, fn.external_source(
             reader, num_outputs=len(names), batch=True, batch_info=True, parallel=parallel,
             **extra,
@@ -509,7 +513,7 @@ def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: i
             # network_input is looked up when the pipeline is built: the benchmarks stub it
             outputs.append(network_input(
                 part["jpegs"], part["anchor"], part["shape"], part["mirror"], mean, std,
-                modality == "rgb", part["size"], settings,
+                modality == "rgb", part.get("size", [float(size)] * 2), settings,
             ))
         return (*outputs, meta)
 

@@ -470,7 +470,7 @@ def network_input(jpegs, anchors, shapes, mirror, mean, std, color: bool, size: 
 
 def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: int,
                     settings: DecodeSettings, hint: int):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     source = reader.source
     parallel = workers > 0

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from pipelines.config import PipelineConfig
 from pipelines.loaders.clips import ClipSource
 from pipelines.loaders.schedule import Schedule
 from pipelines.loaders.shard_reader import ShardIndex
-from stresnet.config import RunConfig
 
 
 def build_loader(
-    cfg: RunConfig,
+    cfg: PipelineConfig,
     split: str,
     rank: int,
     world_size: int,

@@ -72,8 +72,9 @@ With a warm page cache on a local disk, rawframes pays only for ~105 file opens 
 network file system each open is a metadata round trip, which the shard layout avoids (not
 measured here). The DALI loader decodes a whole batch per modality (one RGB and one flow decoder
 over every JPEG of the batch) and normalises in `crop_mirror_normalize`, so its training-process
-main thread only feeds a fixed set of arrays per batch and wraps the outputs (`torch.from_dlpack`); the CPU
-loader's main thread receives uint8 crops and normalises them itself. DALI's CPU mode is the
+main thread only feeds a fixed set of arrays per batch and wraps the outputs
+(`torch.from_dlpack`); the CPU loader's main thread receives uint8 crops and normalises them
+itself. DALI's CPU mode is the
 fallback without a GPU and the parity reference; on a GPU (`--device cuda`, row "DALI (mixed)")
 decoding, resizing and normalising run on the device, and `benchmarks/gpu.py` measures the rest.
 The stubbed row is the Python side's ceiling on this machine: schedule, clip plans, shard reads,
@@ -390,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             low, mid, high = min(values), float(np.median(values)), max(values)
             return f"{mid:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
 
-        stub, dali_row, cpu_row = runs[STUB_ROW], runs["shards, DALI (cpu)"], runs["shards, CPU loader"]
+        stub, dali_row = runs[STUB_ROW], runs["shards, DALI (cpu)"]
+        cpu_row = runs["shards, CPU loader"]
         projected = [cores * 1000 / r["total_ms"] for r in stub]
         projected_one = [cores * 1000 / r["one_process_ms"] for r in stub]
         main = [r["main_ms"] for r in stub]

@@ -334,7 +334,8 @@ def _read_members(paths: list[str], files: np.ndarray, where: np.ndarray,
     dup[1:] = (file[1:] == file[:-1]) & (offset[1:] == offset[:-1])
     holder = order[np.maximum.accumulate(np.where(dup, 0, np.arange(n)))]
     unique = ~dup
-    rows, file, offset, size, crc = order[unique], file[unique], offset[unique], size[unique], crc[unique]
+    rows = order[unique]
+    file, offset, size, crc = file[unique], offset[unique], size[unique], crc[unique]
     end = offset + size
     gap = np.zeros_like(offset)
     gap[1:] = offset[1:] - end[:-1]
@@ -386,15 +387,15 @@ def check_packed(jpegs: np.ndarray, lengths: np.ndarray, heights: np.ndarray,
     frame header comes after more than ``max_segments`` segments is reported False (the caller
     then runs the exact scalar check). It never accepts what ``check_jpeg`` rejects. ``rows``:
     check only these rows of ``jpegs`` (``lengths``, ``heights``, ``widths`` are theirs)."""
-    width = jpegs.shape[1]
+    stride = jpegs.shape[1]
     flat = jpegs.reshape(-1)
     rows = np.arange(len(jpegs)) if rows is None else np.asarray(rows, dtype=np.int64)
     n = len(rows)
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if n == 0:
         return np.ones(0, dtype=bool)
-    base = rows * width  # where each row starts in ``flat``
-    last = width - 1
+    base = rows * stride  # where each row starts in ``flat``
+    last = stride - 1
     head = flat[base[:, None] + np.arange(2)]
     ok = (lengths >= 4) & (head[:, 0] == 0xFF) & (head[:, 1] == 0xD8)
     start = np.maximum(lengths - 16, 0)
@@ -421,9 +422,9 @@ def check_packed(jpegs: np.ndarray, lengths: np.ndarray, heights: np.ndarray,
         fill = ~stop & (marker == 0xFF)
         frame = ~stop & ~fill & _SOF[marker]
         height = head[:, 5] * 256 + head[:, 6]
-        width_ = head[:, 7] * 256 + head[:, 8]
+        width = head[:, 7] * 256 + head[:, 8]
         size_ok[act[frame]] = (height[frame] == heights[act[frame]]) & (
-            width_[frame] == widths[act[frame]])
+            width[frame] == widths[act[frame]])
         position[act] = np.where(fill, p + 1, p + 2 + head[:, 2] * 256 + head[:, 3])
         active[act[stop | frame]] = False
     return ok & size_ok

@@ -165,8 +165,9 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
     index = ShardIndex(shards, "many")
     source = ClipSource(cfg, index)
     requests = Schedule(len(index), 32, 0, 1, cfg.seed)(0)[0]
-    batch = dict(zip(output_names(source),
-                     _BatchReader(source, None, None).outputs(read_batch(source, requests))))
+    reader = _BatchReader(source, None, None)
+    batch = dict(zip(output_names(source, reader.sizes_vary),
+                     reader.outputs(read_batch(source, requests))))
     gpu = args.device == "cuda"
     for load in (0.0, 0.65, 1.0):
         @pipeline_def(batch_size=len(batch["jpegs"]), num_threads=args.decode_threads,

@@ -135,9 +135,10 @@ class _BatchReader:
         self.schedule = schedule  # epoch -> list of batches of ClipRequest
         self.control = control
         self.packed = packed  # False: one array per JPEG (the reference the tests compare with)
-        # Output sizes differ between JPEGs only for full_frame test views (input_size otherwise)
-        self.sizes_vary = schedule is None or (
-            bool(schedule.num_views) and source.sampling.test_crops == "full_frame")
+        # Output sizes differ between JPEGs only for full_frame test views (input_size otherwise;
+        # no schedule: training clips)
+        self.sizes_vary = schedule is not None and bool(schedule.num_views) and (
+            source.sampling.test_crops == "full_frame")
         self._cache: tuple[int, list] | None = None
 
     def __getstate__(self):
@@ -188,7 +189,7 @@ class _BatchReader:
         return tuple(out[name] for name in output_names(self.source, self.sizes_vary))
 
 
-def output_names(source: ClipSource, sizes_vary: bool = True) -> tuple[str, ...]:
+def output_names(source: ClipSource, sizes_vary: bool) -> tuple[str, ...]:
     """What the external source hands over per batch, in order: the packed JPEGs, the crop
     (anchor x, y and shape w, h in pixels), mirror flag and output size (height, width) of each,
     the flow normalisation (mean, std; RGB uses constants), the modality that splits a
@@ -284,10 +285,17 @@ def _read_reference(source: ClipSource, requests: list[ClipRequest]) -> _BatchRe
     if not clips:
         request = requests[0]
         clips.append((_stand_in(source, request), 0, request.view))
+    return pack_clips(clips, source.use_rgb, source.use_flow, source.flow_length)
+
+
+def pack_clips(clips: list[tuple[EncodedClip, int, int]], use_rgb: bool, use_flow: bool,
+               flow_length: int) -> _BatchRead:
+    """Clips already read, as (clip, keep, view), in the packed layout: the external source's
+    hand-over for the reference path and for streamed clips (``pipelines/loaders/stream.py``)."""
     blobs: dict[str, list[list[bytes]]] = {}
-    if source.use_rgb:
+    if use_rgb:
         blobs["rgb"] = [clip.rgb for clip, _, _ in clips]
-    if source.use_flow:
+    if use_flow:
         blobs["flow"] = [clip.flow for clip, _, _ in clips]
     flat = [b for per_clip in blobs.values() for blob in per_clip for b in blob]
     lengths = np.array([len(b) for b in flat], dtype=np.int64)
@@ -295,7 +303,7 @@ def _read_reference(source: ClipSource, requests: list[ClipRequest]) -> _BatchRe
     for row, blob in zip(jpegs, flat):
         row[: len(blob)] = np.frombuffer(blob, np.uint8)
     clip, field, is_rgb = _layout(
-        {m: [len(b) for b in per_clip] for m, per_clip in blobs.items()}, 2 * source.flow_length
+        {m: [len(b) for b in per_clip] for m, per_clip in blobs.items()}, 2 * flow_length
     )
     meta = np.array([[c.index, c.skipped, c.plan.flip, keep, view] for c, keep, view in clips],
                     np.int64)

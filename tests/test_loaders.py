@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -604,9 +605,9 @@ def test_full_frame_batches_of_different_sizes_are_cut_to_the_smallest(shards):
     cfg = config(shards, **{"sampling.test_crops": "full_frame"})
     source = ClipSource(cfg, ShardIndex(cfg.data.shards, "test"))
     # pretend sample 1 is smaller: 30 x 36
-    ref = source.index.ref(1)
-    source.index.ref = lambda i, _orig=source.index.ref: (
-        type(ref)(**{**ref.__dict__, "height": 30, "width": 36}) if i == 1 else _orig(i))
+    smaller = copy.copy(source.index.ref(1))
+    smaller.height, smaller.width = 30, 36
+    source.index.ref = lambda i, _orig=source.index.ref: smaller if i == 1 else _orig(i)
     batch = source.with_frame_limits([ClipRequest(0, view=0), ClipRequest(1, view=1)])
     assert [r.limit for r in batch] == [(30, 36), (30, 36)]
     plan = source.plan(batch[0], 0)

@@ -5,12 +5,17 @@ See docs/loaders.md for what they yield and how work is split across ranks.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from pipelines.loaders.clips import ClipSource
+# Only the light modules at import time: a process that needs just the shard reader (the
+# preflight check, a tool listing samples) imports ``pipelines.loaders.shard_reader``, which runs
+# this file first; torch, OpenCV and DALI (~530 MB resident for torch alone) come with
+# ``build_loader``.
 from pipelines.loaders.schedule import Schedule
 from pipelines.loaders.shard_reader import ShardIndex
-from stresnet.config import RunConfig
+
+if TYPE_CHECKING:
+    from stresnet.config import RunConfig
 
 
 def build_loader(
@@ -32,6 +37,10 @@ def build_loader(
     position of the video instead of ``test_positions``, one clip per batch (fully convolutional
     testing, spec section 5).
     """
+    import torch
+
+    from pipelines.loaders.clips import ClipSource
+
     backend = backend or cfg.data.backend
     if backend not in ("dali", "cpu"):
         raise ValueError(f"backend: got {backend!r}, expected 'dali' or 'cpu'")

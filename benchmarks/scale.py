@@ -127,6 +127,14 @@ def disk_bytes(folder: Path) -> int:
 
 
 def _rss_mb() -> float:
+    """Resident MB now, after handing freed heap back to the OS (glibc keeps it otherwise, and
+    the index files' parsed JSON is freed right after each shard)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
@@ -167,6 +175,7 @@ def measure_rank(folder: Path, access: str, steps: int, batch: int) -> dict:
              "sampling.train_positions=5", "sampling.stride_min=5", "sampling.stride_max=15",
              "model.flow_length=10"]
     cfg = load_config(None, items)
+    out["has_access"] = hasattr(cfg.data, "access")  # the streaming mode exists in this tree
     if access != "random":
         if not hasattr(cfg.data, "access"):
             out["steps_per_s"] = None
@@ -205,10 +214,12 @@ def run_rank(folder: Path, access: str, steps: int, batch: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def import_costs() -> list[list]:
+def import_costs(quick: bool) -> list[list]:
     """Resident MB after importing each module alone, in a fresh interpreter."""
     rows = []
-    for module in ("pipelines.loaders.shard_reader", "pipelines.loaders", "torch"):
+    modules = ["pipelines.loaders.shard_reader", "pipelines.loaders"] + ([] if quick else [
+        "pipelines.loaders.clips", "torch"])
+    for module in modules:
         code = (f"import {module}; "
                 "print(next(int(l.split()[1]) for l in open('/proc/self/status') "
                 "if l.startswith('VmRSS:')) / 1024)")
@@ -222,16 +233,29 @@ def import_costs() -> list[list]:
 # -- the table and the projection --------------------------------------------------------------
 
 
-def fit(members: list[float], values: list[float | None]) -> tuple[float, float] | None:
-    """(exponent b, value at KINETICS_MEMBERS) of log v = a + b log n, or None without 2 points."""
-    points = [(math.log(n), math.log(v)) for n, v in zip(members, values) if v and v > 0]
-    if len(points) < 2:
-        return None
+def _least_squares(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through ``points``."""
     mx = sum(x for x, _ in points) / len(points)
     my = sum(y for _, y in points) / len(points)
     sxx = sum((x - mx) ** 2 for x, _ in points)
-    b = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
-    return b, math.exp(my + b * (math.log(KINETICS_MEMBERS) - mx))
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else 0.0
+    return my - slope * mx, slope
+
+
+def fit(members: list[float], values: list[float | None]) -> tuple[float, float] | None:
+    """(exponent b, value at KINETICS_MEMBERS), or None without 2 points. The exponent is the
+    slope of log v against log n (1 = linear, 0 = flat, > 1 worse than linear); the projection
+    is a straight line v = c + k n through the points (a fixed cost plus a cost per member,
+    which log-log extrapolation from small sets with a large fixed cost would understate),
+    or, for a flat figure, its value at the largest set."""
+    pairs = [(n, v) for n, v in zip(members, values) if v and v > 0]
+    if len(pairs) < 2:
+        return None
+    _, b = _least_squares([(math.log(n), math.log(v)) for n, v in pairs])
+    if abs(b) < 0.2:
+        return b, pairs[-1][1]
+    c, k = _least_squares(pairs)
+    return b, max(0.0, c + k * KINETICS_MEMBERS)
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -304,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure_rank(args.rank, args.access, args.steps, args.batch)))
         return 0
     if args.quick:
-        args.fractions, args.steps, args.no_write = "0.0005,0.002", 3, True
+        args.fractions, args.steps, args.batch, args.no_write = "0.0005,0.002", 3, 2, True
 
     root = args.root or Path(tempfile.mkdtemp(prefix="stresnet-scale-"))
     results = []
@@ -320,11 +344,12 @@ def main(argv: list[str] | None = None) -> int:
             base = {"label": f"1/{1 / fraction:g}", "videos": videos, "members": members,
                     "shards": len(manifest["splits"]["train"]["shards"]),
                     "disk_gb": disk_bytes(folder) / 1e9}
-            for cache in ("cold-ish", "hot"):
+            for cache in ("hot",) if args.quick else ("cold-ish", "hot"):
                 if cache == "cold-ish":
                     drop_page_cache(folder)
                 rank = run_rank(folder, "random", args.steps, args.batch)
-                stream = run_rank(folder, "stream", args.steps, args.batch)
+                stream = (run_rank(folder, "stream", args.steps, args.batch)
+                          if rank["has_access"] else None)
                 results.append({**base, "cache": cache, "rank": rank, "stream": stream})
                 print(markdown_table(COLUMNS, table_rows(results[-1:])).splitlines()[-1],
                       flush=True)
@@ -340,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         ["figure", "unit", "exponent b (growth)", "at the largest set measured",
          f"projected: Kinetics-400 size ({KINETICS_MEMBERS / 1e6:.0f} M members)"],
         projection_rows(results))
-    imports = markdown_table(["import alone", "RSS MB"], import_costs())
+    imports = markdown_table(["import alone", "RSS MB"], import_costs(args.quick))
     print(table + "\n\n" + projection + "\n\n" + imports)
     if not args.no_write:
         write_section("scale", section(args, table, projection, imports))

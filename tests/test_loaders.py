@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import math
+import pickle
 import shutil
 import signal
 import tarfile
@@ -23,7 +24,9 @@ from loader_shards import (
 )
 from pipelines.loaders import build_loader
 from pipelines.loaders.schedule import train_batches
-from pipelines.loaders.shard_reader import ShardIndex, read_index_file, scan_tar_members
+from pipelines.loaders.shard_reader import (
+    SampleError, ShardIndex, read_index_file, scan_tar_members,
+)
 from pipelines.shard_format import rgb_member
 from stresnet.config import load_config
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, train_plan
@@ -567,6 +570,46 @@ def test_a_shard_with_its_index_ignores_damage_outside_its_members(shards, tmp_p
     with caplog.at_level(logging.WARNING), deadline(60):
         assert refs(ShardIndex(copy, "train")) == refs(ShardIndex(shards, "train"))
     assert caplog.text == ""
+
+
+def test_indexed_samples_keep_where_their_index_lines_are_not_their_member_tables(shards):
+    """Memory per rank grows with the videos, not the members (benchmarks/scale.py): a sample of
+    a shard with an index file reads its table from its lines of that file when asked."""
+    index = ShardIndex(shards, "train")
+    assert all(ref._members is None for ref in index.samples)
+    tables = sum(ref.members.nbytes for ref in index.samples)  # read back from the index lines
+    assert len(pickle.dumps(index)) < tables  # what each DALI worker receives
+    copy = pickle.loads(pickle.dumps(index))
+    assert refs(copy) == refs(index)
+    data = copy.read(1, ["rgb.00002.jpg", "flow_y.00001.jpg"])
+    assert data == index.read(1, ["rgb.00002.jpg", "flow_y.00001.jpg"])
+    assert index.longest_member == max(int(ref.members[:, :, 1].max()) for ref in index.samples)
+
+
+def test_an_index_in_another_layout_is_used_with_its_tables_in_memory(shards, tmp_path, caplog):
+    """An index file that is not one member per line (another tool's JSON writer) is as valid:
+    its samples keep their tables, and read the same."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    for index in copy.glob("*.idx"):
+        index.write_text(json.dumps(json.loads(index.read_text())))  # one line
+    with caplog.at_level(logging.WARNING):
+        found = ShardIndex(copy, "train")
+    assert caplog.text == ""
+    assert all(ref._members is not None for ref in found.samples)
+    assert refs(found) == refs(ShardIndex(shards, "train"))
+
+
+def test_an_index_file_changed_after_indexing_fails_its_samples_by_name(shards, tmp_path):
+    """A sample's member lines are read from the index file the loader checked, or not at all."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    index = ShardIndex(copy, "train")
+    path = copy / "train-p000-00000.tar.idx"
+    path.write_text(path.read_text() + " ")
+    with pytest.raises(SampleError, match=r"train-p000-00000.tar.idx: changed since the loader"):
+        index.read(0, ["rgb.00000.jpg"])
+    assert index.read(4, ["rgb.00000.jpg"])  # another shard's index is untouched
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -242,17 +242,19 @@ def _least_squares(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def fit(members: list[float], values: list[float | None]) -> tuple[float, float] | None:
+def fit(members: list[float], values: list[float | None],
+        rate: bool = False) -> tuple[float, float] | None:
     """(exponent b, value at KINETICS_MEMBERS), or None without 2 points. The exponent is the
     slope of log v against log n (1 = linear, 0 = flat, > 1 worse than linear); the projection
     is a straight line v = c + k n through the points (a fixed cost plus a cost per member,
     which log-log extrapolation from small sets with a large fixed cost would understate),
-    or, for a flat figure, its value at the largest set."""
+    or, for a flat ``rate`` (steps/s: a noisy slope extrapolated 30x says nothing), its value
+    at the largest set."""
     pairs = [(n, v) for n, v in zip(members, values) if v and v > 0]
     if len(pairs) < 2:
         return None
     _, b = _least_squares([(math.log(n), math.log(v)) for n, v in pairs])
-    if abs(b) < 0.2:
+    if rate and abs(b) < 0.2:
         return b, pairs[-1][1]
     c, k = _least_squares(pairs)
     return b, max(0.0, c + k * KINETICS_MEMBERS)
@@ -297,7 +299,7 @@ def projection_rows(results: list[dict]) -> list[list[str]]:
     rows = []
     for name, key, unit in PROJECTED:
         values = [r["rank"].get(key) for r in hot]
-        got = fit(members, values)
+        got = fit(members, values, rate=key == "steps_per_s")
         if got is None:
             rows.append([name, unit, "–", "–", "–"])
             continue
@@ -306,6 +308,10 @@ def projection_rows(results: list[dict]) -> list[list[str]]:
             "worse than linear" if b > 1 else "sub-linear")
         rows.append([name, unit, f"{b:.2f} ({growth})", _fmt(values[-1]), _fmt(projected)])
     return rows
+
+
+PROJECTION_HEADER = ["figure", "unit", "exponent b (growth)", "at the largest set measured",
+                     f"projected: Kinetics-400 size ({KINETICS_MEMBERS / 1e6:.0f} M members)"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the sets for another run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--json", type=Path, help="also save the raw results here")
+    parser.add_argument("--before", default="",
+                        help="comma-separated --json files of the same benchmark run on an "
+                             "earlier tree: shown as a 'before' table in RESULTS.md")
+    parser.add_argument("--before-label", default="before", help="what the earlier tree was")
     parser.add_argument("--rank", type=Path, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--access", default="random", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -361,14 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     table = markdown_table(COLUMNS, table_rows(results))
-    projection = markdown_table(
-        ["figure", "unit", "exponent b (growth)", "at the largest set measured",
-         f"projected: Kinetics-400 size ({KINETICS_MEMBERS / 1e6:.0f} M members)"],
-        projection_rows(results))
+    projection = markdown_table(PROJECTION_HEADER, projection_rows(results))
     imports = markdown_table(["import alone", "RSS MB"], import_costs(args.quick))
     print(table + "\n\n" + projection + "\n\n" + imports)
+    before = ""
+    if args.before:
+        earlier = [r for path in args.before.split(",") for r in json.loads(Path(path).read_text())]
+        before = (f"\n**Before** ({args.before_label}), same sets:\n\n"
+                  f"{markdown_table(COLUMNS, table_rows(earlier))}\n\n"
+                  f"{markdown_table(PROJECTION_HEADER, projection_rows(earlier))}\n")
+        print(before)
     if not args.no_write:
-        write_section("scale", section(args, table, projection, imports))
+        write_section("scale", section(args, table, projection, imports) + before)
     return 0
 
 

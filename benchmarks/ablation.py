@@ -104,7 +104,7 @@ def train_and_evaluate(config: str, overrides: list[str], seed: int, device: str
 
     from pipelines.loaders import build_loader
     from pipelines.shard_format import read_manifest
-    from stresnet.config import load_config
+    from cluster.config import load_config
     from stresnet.evaluate import collect_scores, video_report
     from stresnet.families import family_top1
     from stresnet.model import build_model
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(REPO)  # the config's relative paths (data/...) are relative to the repository
     from pipelines.shard_format import read_manifest
     from pipelines.shards import make_shards
-    from stresnet.config import absolute_paths, load_config
+    from cluster.config import load_config
+    from stresnet.config import absolute_paths
 
     overrides = [*(QUICK if args.quick else []), *args.overrides]
     cfg = load_config(args.config, overrides)

@@ -46,7 +46,7 @@ from benchmarks.loaders import measure, repeat_split, write_dataset
 from benchmarks.results import machine, markdown_table, write_section
 from pipelines.loaders import build_loader
 from pipelines.loaders.dali import read_batch
-from stresnet.config import RunConfig, dump_config, load_config
+from cluster.config import RunConfig, dump_config, load_config
 from stresnet.sampling import FLOW_SCALE, IMAGENET_STD
 
 REPO = Path(__file__).resolve().parents[1]

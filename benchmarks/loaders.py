@@ -60,7 +60,7 @@ from pipelines.shard_format import (
     FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name,
 )
 from pipelines.shard_writer import write_tar
-from stresnet.config import RunConfig, load_config
+from cluster.config import RunConfig, load_config
 
 
 NOTES = """Reading the numbers: the rows share sampling, augmentation and worker count; the

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.results import markdown_table, write_section
-from stresnet.config import load_config
+from cluster.config import load_config
 from stresnet.model import build_model
 
 # Dense bf16 tensor-core peak (TFLOP/s) for the model FLOP utilisation column.

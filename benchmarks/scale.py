@@ -154,7 +154,7 @@ def measure_rank(folder: Path, access: str, steps: int, batch: int) -> dict:
 
     rss_start = _rss_mb()
     import pipelines.loaders as loaders
-    from stresnet.config import load_config
+    from cluster.config import load_config
 
     out = {"import_mb": _rss_mb(), "python_mb": rss_start}
     original = loaders.ShardIndex

@@ -34,7 +34,7 @@ def measure(workers: int, steps: int, warmup: int, extra: list[str], folder: Pat
     from mlflow import MlflowClient
 
     from cluster.train import run_training
-    from stresnet.config import load_config
+    from cluster.config import load_config
 
     folder.mkdir(parents=True)
     uri = f"sqlite:///{folder}/mlflow.db"
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipelines.shards import make_shards
-    from stresnet.config import load_config
+    from cluster.config import load_config
 
     make_shards(load_config(MAIN))
     settings = [(1, GPU)] if args.gpu else [(1, []), (2, [])]

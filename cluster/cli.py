@@ -11,7 +11,7 @@ import sys
 
 # name -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shards": ("pipelines.shards", "videos -> RGB frames + optical flow -> WebDataset shards"),
+    "shards": ("cluster.shards", "videos -> RGB frames + optical flow -> WebDataset shards"),
     "train": ("cluster.train", "train on Ray Train, tracked in MLflow"),
     "evaluate": ("cluster.evaluate", "video-level accuracy report of a checkpoint or MLflow model"),
     "predict": ("cluster.predict", "top-k classes of a trained model for video files"),

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cluster.config import RunConfig, add_config_arguments, config_from_args
 from cluster.tracking import TrackingError
 from stresnet.checkpoint import WeightsError
-from stresnet.config import ConfigError, RunConfig, add_config_arguments, config_from_args
+from stresnet.config import ConfigError
 from stresnet.evaluate import collect_scores, family_table, save_report, video_report
 
 

@@ -18,7 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from stresnet.config import ConfigError, RunConfig, add_config_arguments, config_from_args
+from cluster.config import RunConfig, add_config_arguments, config_from_args
+from stresnet.config import ConfigError
 
 
 @dataclass

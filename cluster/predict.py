@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cluster.config import RunConfig
 from stresnet.checkpoint import WeightsError, read_model_file
-from stresnet.config import ConfigError, RunConfig, from_dict
+from stresnet.config import ConfigError, from_dict
 
 # What PyAV commonly reads; a folder argument is searched (recursively) for these.
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp"}

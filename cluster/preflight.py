@@ -13,7 +13,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from stresnet.config import ConfigError, RunConfig, from_dict, to_dict
+from cluster.config import RunConfig
+from stresnet.config import ConfigError, from_dict, to_dict
 from stresnet.train_step import accumulation_steps
 
 

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cluster.config import RunConfig, dump_config
 from stresnet import serving
 from stresnet.checkpoint import MODEL_FILE, save_model_file
-from stresnet.config import RunConfig, dump_config, flatten, to_dict
+from stresnet.config import flatten, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")  # the registered model's code

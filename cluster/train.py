@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.config import RunConfig, add_config_arguments, config_from_args
 from cluster.preflight import PreflightError, fetch_registered_init, preflight, resolve_run_name
 from cluster.worker import (
     DATA_DAMAGED,
@@ -42,10 +43,7 @@ from pipelines.loaders.shard_reader import DamagedShardsError
 from stresnet.checkpoint import load_train_state
 from stresnet.config import (
     ConfigError,
-    RunConfig,
     absolute_paths,
-    add_config_arguments,
-    config_from_args,
     to_dict,
 )
 

@@ -30,9 +30,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from cluster.config import RunConfig
 from pipelines.loaders.shard_reader import DamagedShardsError
 from stresnet.checkpoint import MODEL_FILE, load_file, load_train_state, save_checkpoint
-from stresnet.config import InitConfig, RunConfig, from_dict, to_dict
+from stresnet.config import InitConfig, from_dict, to_dict
 from stresnet.evaluate import collect_scores, gather_scores, save_report, summary_metrics, video_report
 from stresnet.train_step import (
     StepTotals,

@@ -19,10 +19,10 @@ import cv2
 import numpy as np
 
 from pipelines import shard_format as fmt
+from pipelines.config import ShardsConfig
 from pipelines.flow import FlowEstimator
 from pipelines.sources import VideoEntry
 from pipelines.video import VideoError, decode_video, resized_shape
-from stresnet.config import ShardsConfig
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import shard_format as fmt
+from pipelines.config import PipelineConfig
 from pipelines.sources import DatasetIndex, VideoEntry
-from stresnet.config import RunConfig, to_dict
+from stresnet.config import to_dict
 
 
 class ShardsError(RuntimeError):
@@ -52,7 +53,7 @@ def plan_shards(index: DatasetIndex, samples_per_shard: int, num_partitions: int
     return plans
 
 
-def creation_params(cfg: RunConfig, index=None) -> dict:
+def creation_params(cfg: PipelineConfig, index=None) -> dict:
     """The settings that decide the shards' content; a re-run must use the same ones. With
     ``index`` (the ``DatasetIndex``), also a digest of the source list: which videos, labels,
     class names and splits; an edited CSV or split file changes it."""

@@ -22,11 +22,11 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipelines import shard_format as fmt
+from pipelines.config import ShardsConfig
 from pipelines.sample_encoding import Processing, process_videos
 from pipelines.shard_planning import (
     ShardPlan, read_record, record_failures, record_path, shard_done, write_json,
 )
-from stresnet.config import ShardsConfig
 
 _BLOCK = 512  # tar block size: member data is padded to a multiple of it
 

@@ -12,13 +12,12 @@ The command, in steps (each in its own module):
 
 With ``shards.partition`` unset one process does every partition and then finalizes; with it set
 (a SLURM array task, a Ray task) only that partition is written, and ``--finalize`` runs step 5.
+The command line (arguments, exit status) is ``cluster.shards``.
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
-import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -27,15 +26,15 @@ import cv2
 import numpy as np
 
 from pipelines import shard_format as fmt
+from pipelines.config import PipelineConfig, ShardsConfig
 from pipelines.shard_planning import (
     ShardsError, creation_params, plan_shards, read_record, record_failures, shard_done, write_json,
 )
 from pipelines.shard_writer import write_partition
 from pipelines.sources import DatasetError, DatasetIndex, load_source
 from pipelines.synthetic import write_synthetic_dataset
-from stresnet.config import ConfigError, RunConfig, ShardsConfig, add_config_arguments, config_from_args
 
-__all__ = ["DatasetError", "ShardFailures", "ShardsError", "finalize", "main", "make_shards"]
+__all__ = ["DatasetError", "ShardFailures", "ShardsError", "finalize", "make_shards"]
 
 
 class ShardFailures(RuntimeError):
@@ -54,7 +53,7 @@ class ShardFailures(RuntimeError):
 # ------------------------------------------------------------------------------------------
 
 
-def make_shards(cfg: RunConfig) -> dict:
+def make_shards(cfg: PipelineConfig) -> dict:
     """Write the shards described by ``cfg`` and return the manifest.
 
     With ``cfg.shards.partition`` set, writes only that partition and returns its progress record
@@ -91,7 +90,7 @@ def make_shards(cfg: RunConfig) -> dict:
     return record
 
 
-def finalize(cfg: RunConfig, index: DatasetIndex | None = None) -> dict:
+def finalize(cfg: PipelineConfig, index: DatasetIndex | None = None) -> dict:
     """Check that every partition is complete and write ``manifest.json``; return the manifest."""
     out = Path(cfg.shards.output)
     if index is None:
@@ -136,36 +135,6 @@ def finalize(cfg: RunConfig, index: DatasetIndex | None = None) -> dict:
     write_json(out / fmt.MANIFEST, manifest)
     print(f"wrote {out / fmt.MANIFEST}: {_summary(manifest)}")
     return _check_failures(manifest, cfg.shards)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``stresnet shards --config FILE [--finalize] [key=value ...]``.
-
-    Exit status: 0 done (or nothing to do), 1 some videos failed (everything else written),
-    2 nothing could be done (bad config, dataset problems, incomplete partitions, other settings).
-    """
-    parser = argparse.ArgumentParser(
-        prog="stresnet shards", description="videos -> RGB frames + optical flow -> WebDataset shards"
-    )
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--finalize", action="store_true",
-        help="only write manifest.json from the completed partitions",
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        if args.finalize:
-            finalize(cfg)
-        else:
-            make_shards(cfg)
-    except ShardFailures as err:
-        print(f"stresnet shards: {err}\n(set shards.allow_failures=true to accept this)", file=sys.stderr)
-        return 1
-    except (ConfigError, DatasetError, ShardsError, FileExistsError) as err:
-        print(f"stresnet shards: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 # ------------------------------------------------------------------------------------------

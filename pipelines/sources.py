@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
-from stresnet.config import DatasetConfig
+from pipelines.config import DatasetConfig
 
 
 BUNDLED_SPLITS = Path(__file__).resolve().parent / "splits"  # <kind>.zip: the official files

@@ -47,8 +47,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipelines.config import DatasetConfig, SyntheticConfig
 from pipelines.video import write_video
-from stresnet.config import DatasetConfig, SyntheticConfig, to_dict
+from stresnet.config import to_dict
 
 MARKER = "synthetic.json"  # written last: its presence means the dataset is complete
 # Bumped whenever rendering changes, so a folder written by older code is refused, not reused.

@@ -120,7 +120,8 @@ trap 'exit 130' INT
 # 1. The config must load before anything starts; its run name is what a requeue resumes.
 if ! configured_name=$("$python" - "$CONFIG" "${overrides[@]}" <<'EOF'
 import sys
-from stresnet.config import ConfigError, load_config
+from cluster.config import load_config
+from stresnet.config import ConfigError
 try:
     print(load_config(sys.argv[1], sys.argv[2:]).train.run_name or "")
 except ConfigError as err:

@@ -1,7 +1,22 @@
-"""Typed run configuration: one YAML file describes one run.
+"""Typed run configuration: the mechanism, and the sections the model and training code read.
 
-Every section is a plain dataclass. ``load_config`` reads YAML, applies ``key.sub=value``
-overrides and validates everything *before* any work starts: unknown keys, wrong types and
+One YAML file describes one run (``cluster.config.RunConfig``, loaded by
+``cluster.config.load_config``). Every section is a plain dataclass, defined in the layer whose
+code reads it, so that ``stresnet`` imports nothing from ``pipelines`` or ``cluster``:
+
+- here: ``model`` (with ``temporal``, ``temporal_pool`` and ``init``; ``model.injection`` is
+  ``stresnet.cross_stream.InjectionConfig``), ``sampling``, ``train`` and ``eval``;
+- ``pipelines.config``: ``dataset`` (with ``synthetic``), ``shards`` and ``data``;
+- ``cluster.config``: ``cluster``, ``tracking``, the whole ``RunConfig``, YAML loading, overrides
+  and the command-line arguments.
+
+Two sections stay here although commands read them too: ``train`` is the optimisation that
+``stresnet.train_step`` runs (its checkpoint and run-folder keys are in the same section because
+the keys may not move), and ``eval`` holds how ``stresnet.evaluate`` averages scores
+(``score_average``) next to the evaluation batch size that both ``pipelines`` (the loaders) and
+``cluster`` read: ``stresnet`` is the one layer both of them may import.
+
+:func:`from_dict` validates everything *before* any work starts: unknown keys, wrong types and
 out-of-range values are rejected with the full key path and the allowed values, e.g.::
 
     ConfigError: model.depth: got 34, expected one of [50, 101, 152]
@@ -12,13 +27,9 @@ fields, so adding a field is one line; cross-field rules live in each section's 
 and folder fields are declared with :func:`path`; :func:`absolute_paths` resolves them all. A key
 that was renamed stays in its section's ``RENAMED`` (old -> new), so an old config fails with
 the new name, e.g. ``train.batch_size: renamed to train.global_batch_size``.
-
-``dump_config`` writes the resolved config back to YAML; loading that file gives an equal object.
 """
-
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
@@ -26,9 +37,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
-
-import yaml
+from typing import Any, Literal, Optional, Union
 
 from stresnet.cross_stream import InjectionConfig  # the connection's config lives with its module
 
@@ -59,80 +68,6 @@ def _list(*default: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SyntheticConfig:
-    """The bundled synthetic action dataset (see ``pipelines/synthetic.py``)."""
-
-    RENAMED: typing.ClassVar[dict[str, str]] = {"frames": "video_frames"}
-
-    videos_per_class: int = num(8, min=2)
-    video_frames: int = num(40, min=4)  # length of every video
-    height: int = num(64, min=16)
-    width: int = num(80, min=16)
-    fps: float = num(25.0, min=1.0)
-    test_fraction: float = num(0.25, min=0.0, max=0.9)
-    families: list[Literal["appearance", "motion", "conjunction", "order"]] = _list(
-        "appearance", "motion", "conjunction", "order"
-    )
-    seed: int = 0
-
-    def check(self) -> None:
-        for key in ("height", "width"):  # H.264/MPEG-4 in yuv420p need even sizes
-            if getattr(self, key) % 2:
-                raise ConfigError(f"{key}: got {getattr(self, key)}, expected an even number")
-        if not self.families or len(set(self.families)) != len(self.families):
-            raise ConfigError(f"families: got {self.families}, expected one or more distinct families")
-
-
-@dataclass
-class DatasetConfig:
-    """Where the videos are and which split files describe them."""
-
-    kind: Literal["ucf101", "hmdb51", "csv", "synthetic"] = "synthetic"
-    root: str = path("data/synthetic/videos")  # folder of videos (for synthetic: where they are written)
-    # ucf101/hmdb51: a folder of split files; None: the official files bundled with stresnet
-    splits_dir: Optional[str] = path(None)
-    csv: Optional[str] = path(None)  # csv source: path,label[,split]
-    split: int = num(1, min=1, max=3)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-
-    def check(self) -> None:
-        if self.kind == "csv" and not self.csv:
-            raise ConfigError("csv: required when dataset.kind is 'csv'")
-
-
-@dataclass
-class ShardsConfig:
-    """Videos -> RGB frames + optical flow -> WebDataset shards (``stresnet shards``)."""
-
-    RENAMED: typing.ClassVar[dict[str, str]] = {"workers": "processes (null: one per core)"}
-
-    output: str = path("data/synthetic/shards")
-    samples_per_shard: int = num(64, min=1)
-    # Stored frames: resize so the shorter side is this; 0 keeps the native size. Flow is always
-    # computed on the native frames, so its values are in the video's own pixels.
-    short_side: int = num(0, min=0)
-    fps: Optional[float] = num(None, min=1.0)  # None keeps the native frame rate
-    flow: Literal["tvl1", "farneback"] = "tvl1"
-    tvl1_epsilon: float = num(0.01, min=1e-4, max=1.0)  # TV-L1 stopping threshold (OpenCV default)
-    flow_bound: float = num(20.0, min=1.0)  # pixels; flow is clipped to [-bound, bound]
-    jpeg_quality: int = num(90, min=50, max=100)
-    processes: Optional[int] = num(None, min=1)  # None: one per core
-    num_partitions: int = num(1, min=1)  # for job arrays: this task writes partition `partition`
-    partition: Optional[int] = num(None, min=0)  # None = all partitions in this process
-    allow_failures: bool = False  # exit 0 even when some videos could not be read
-    # Failure injection for tests: the process kills itself after writing this many samples.
-    crash_after_samples: Optional[int] = num(None, min=1)
-
-    def check(self) -> None:
-        if 0 < self.short_side < 16:
-            raise ConfigError(f"short_side: got {self.short_side}, expected 0 (native) or >= 16")
-        if self.partition is not None and self.partition >= self.num_partitions:
-            raise ConfigError(
-                f"partition: got {self.partition}, expected 0..{self.num_partitions - 1}"
-            )
 
 
 @dataclass
@@ -267,26 +202,6 @@ class SamplingConfig:
 
 
 @dataclass
-class DataConfig:
-    """What training and evaluation read."""
-
-    RENAMED: typing.ClassVar[dict[str, str]] = {"batch_size": "batch_size_per_worker"}
-
-    shards: str = path("data/synthetic/shards")  # folder holding manifest.json and the shards
-    backend: Literal["cpu", "dali"] = "cpu"
-    dali_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: decode on the GPU if there is one
-    batch_size_per_worker: int = num(8, min=1)  # clips per worker per micro-batch
-    loader_workers: int = num(2, min=0)  # loader processes per worker; 0: in the worker itself
-    decode_threads: int = num(0, min=0)  # DALI CPU threads; 0: the process's cores, at most 8
-    hw_decoder_load: float = num(0.65, min=0.0, max=1.0)  # share of JPEGs for nvJPEG's HW engine
-    # Damaged samples (truncated or missing shard, corrupt member) are skipped and counted; more
-    # than this fraction of a split stops training and evaluation (docs/reliability.md).
-    max_damaged_fraction: float = num(0.01, min=0.0, max=1.0)
-    train_split: str = "train"
-    val_split: str = "test"
-
-
-@dataclass
 class TrainConfig:
     """Optimisation (spec section 6) and checkpointing."""
 
@@ -332,50 +247,6 @@ class TrainConfig:
 
 
 @dataclass
-class ClusterConfig:
-    """How Ray runs the job."""
-
-    address: Optional[str] = None  # None: start a local Ray; "auto": join the running cluster
-    num_workers: int = num(2, min=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = num(1.0, min=0.0)
-    gpus_per_worker: float = num(1.0, min=0.0)
-    dashboard_host: str = "127.0.0.1"
-
-
-@dataclass
-class TrackingConfig:
-    """MLflow."""
-
-    uri: str = path("sqlite:///mlflow.db")
-    experiment: Optional[str] = None  # None: one experiment per dataset
-    registered_model: Optional[str] = None  # None: stresnet-<dataset>
-    alias: str = "current"  # registry alias moved to each new final model ("latest" is reserved)
-    log_system_metrics: bool = True
-    # Where a NEW experiment keeps its runs' artifacts (an existing one keeps its own). None:
-    # sqlite stores use mlartifacts/<experiment> next to the database; servers their default.
-    artifact_location: Optional[str] = path(None)
-
-    def check(self) -> None:
-        # MLflow's alias rules, checked here so that a bad alias stops the run before training,
-        # not at registration after it: letters, digits, _ and -; "latest" (any case) and
-        # version names such as v3 are reserved.
-        if not re.fullmatch(r"[\w-]{1,255}", self.alias):
-            raise ConfigError(f"alias: got {self.alias!r}, expected letters, digits, '_' or '-'")
-        if self.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", self.alias):
-            raise ConfigError(
-                f"alias: {self.alias!r} is reserved by MLflow's model registry; choose another "
-                "(default: current)"
-            )
-        if self.registered_model is not None and (
-            not self.registered_model.strip() or any(c in self.registered_model for c in "/:")
-        ):
-            raise ConfigError(
-                f"registered_model: got {self.registered_model!r}, expected a name without '/' or ':'"
-            )
-
-
-@dataclass
 class EvalConfig:
     """``stresnet evaluate``: where the report goes."""
 
@@ -387,96 +258,6 @@ class EvalConfig:
     # What a video's score averages over its positions, views and (fused) streams: the
     # prediction layer's outputs (logits, the authors' code) or softmax probabilities.
     score_average: Literal["logits", "softmax"] = "logits"
-
-
-@dataclass
-class RunConfig:
-    """One run: every command takes the whole file and reads the sections it needs."""
-
-    name: str = "stresnet"
-    seed: int = 0
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    shards: ShardsConfig = field(default_factory=ShardsConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading, validation, overrides, dumping
-# --------------------------------------------------------------------------------------------
-
-
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a YAML run config, apply ``key.sub=value`` overrides, validate, return it.
-
-    ``path=None`` starts from the defaults. Raises ``ConfigError`` naming the file and the key.
-    """
-    raw: dict = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
-        try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if raw is None:  # a mistake (wrong file, truncated copy) more often than intended
-            raise ConfigError(
-                f"{path}: the config file is empty; give a run config, or leave out --config "
-                "to start from the defaults"
-            )
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    for item in overrides:
-        apply_override(raw, item)
-    try:
-        return from_dict(RunConfig, raw)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML keeps the last one
-    without a word, so the first value would be ignored silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Set ``key.sub=value`` in a raw config dict; the value is parsed as YAML."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {item!r}: expected key.sub=value")
-    parts = key.strip().split(".")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError as err:
-        problem = str(err).splitlines()[0]
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {item!r}: {part} is not a section")
-        node = child
-    node[parts[-1]] = parsed
 
 
 def from_dict(cls: type, raw: Any, path: str = "") -> Any:
@@ -606,14 +387,6 @@ def to_dict(config: Any) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def dump_config(config: RunConfig, path: str | Path | None = None) -> str:
-    """Write the resolved config as YAML (to ``path`` if given) and return the text."""
-    text = yaml.safe_dump(to_dict(config), sort_keys=False)
-    if path is not None:
-        Path(path).write_text(text)
-    return text
-
-
 def flatten(config: Any) -> dict[str, Any]:
     """``{"model.depth": 50, ...}``: for logging the config as MLflow params."""
     return _flatten_dict(to_dict(config), "")
@@ -629,11 +402,3 @@ def _flatten_dict(d: dict, prefix: str) -> dict[str, Any]:
     return out
 
 
-def add_config_arguments(parser: "argparse.ArgumentParser") -> None:
-    """The arguments every command takes: ``--config FILE`` and ``key.sub=value`` overrides."""
-    parser.add_argument("--config", required=True, help="run config (YAML)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-
-
-def config_from_args(args: "argparse.Namespace") -> RunConfig:
-    return load_config(args.config, args.overrides)

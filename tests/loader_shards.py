@@ -22,7 +22,7 @@ from pipelines.shard_format import (
     FORMAT_VERSION, flow_members, quantize_flow, rgb_member, shard_name,
 )
 from pipelines.shard_writer import write_tar
-from stresnet.config import RunConfig
+from cluster.config import RunConfig
 
 HEIGHT, WIDTH = 32, 40
 SPEED = 1.0  # pixels per frame, rightward
@@ -107,7 +107,7 @@ def replace_member(shard: Path, member: str, data: bytes) -> None:
 
 def config(shards: Path, **overrides) -> RunConfig:
     """A small run config over ``shards``: 24 px crops, T=3, L=2, batch 2."""
-    from stresnet.config import load_config
+    from cluster.config import load_config
 
     items = {
         "data.shards": str(shards), "data.batch_size_per_worker": 2, "data.loader_workers": 0,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stresnet.config import ConfigError, RunConfig, dump_config, flatten, load_config
+from cluster.config import RunConfig, dump_config, load_config
+from stresnet.config import ConfigError, flatten
 
 
 def write(tmp_path, text: str):

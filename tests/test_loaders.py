@@ -28,7 +28,7 @@ from pipelines.loaders.shard_reader import (
     SampleError, ShardIndex, read_index_file, scan_tar_members,
 )
 from pipelines.shard_format import rgb_member
-from stresnet.config import load_config
+from cluster.config import load_config
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, train_plan
 
 # 12 training videos, two shorter than a clip spans (T=3 positions, stride 1..3, L=2), in shards

@@ -12,7 +12,8 @@ import torchvision
 from torch import nn
 
 from stresnet.backbone import TemporalConv, inflate_1x1
-from stresnet.config import ConfigError, load_config
+from cluster.config import load_config
+from stresnet.config import ConfigError
 from stresnet.model import STResNet, build_model
 from stresnet.weights import WeightsError
 
@@ -636,7 +637,7 @@ def test_full_frame_input_runs_fully_convolutionally():
     """``sampling.test_crops: full_frame`` feeds the uncropped 320x240 frame: every stream still
     gives (B, K); on a frame of exactly the input size it is the centre-crop input itself, so the
     outputs are equal."""
-    from stresnet.config import load_config
+    from cluster.config import load_config
     from stresnet.model import build_model
     from stresnet.sampling import eval_plan
 

@@ -23,7 +23,8 @@ from cluster.predict import main as predict
 from pipelines.shard_format import model_shard_info, read_manifest
 from pipelines.video import write_video
 from stresnet.checkpoint import save_checkpoint
-from stresnet.config import load_config, to_dict
+from cluster.config import load_config
+from stresnet.config import to_dict
 from stresnet.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]

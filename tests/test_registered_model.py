@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from stresnet.config import load_config
+from cluster.config import load_config
 from stresnet.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import torch
 
 from loader_shards import config, write_shards
 from stresnet.checkpoint import save_checkpoint
-from stresnet.config import dump_config, to_dict
+from cluster.config import dump_config
+from stresnet.config import to_dict
 from stresnet.model import build_model
 
 

@@ -16,11 +16,12 @@ import pytest
 import webdataset as wds
 import yaml
 
+from cluster.config import load_config
+from cluster.shards import main
 from pipelines import shard_format as fmt
-from pipelines.shards import ShardFailures, ShardsError, finalize, main, make_shards
+from pipelines.shards import ShardFailures, ShardsError, finalize, make_shards
 from pipelines.synthetic import write_synthetic_dataset
 from pipelines.video import write_video
-from stresnet.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def config_file(tmp_path: Path, overrides: list[str]) -> Path:
     """The overrides as a YAML config file (for the CLI in a subprocess)."""
     cfg = load_config(None, overrides)
     path = tmp_path / f"config-{hashlib.sha1(str(overrides).encode()).hexdigest()[:8]}.yaml"
-    from stresnet.config import dump_config
+    from cluster.config import dump_config
 
     dump_config(cfg, path)
     return path

@@ -23,7 +23,7 @@ from slurm_cluster import SlurmCluster, install_slurm
 from tiny_run import REPO, loss_history, make_tiny_shards, mlflow_run_id, planned_steps
 
 from pipelines import shard_format as fmt
-from stresnet.config import dump_config, load_config
+from cluster.config import dump_config, load_config
 
 SCRIPTS = REPO / "slurm"
 # What the test cluster offers instead of the scripts' GPU defaults: a Ray head on one node, a

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.sources import DatasetError, bundled_splits, csv_source, load_source
-from stresnet.config import DatasetConfig
+from pipelines.config import DatasetConfig
 
 
 def fake_ucf101(root: Path, splits) -> None:

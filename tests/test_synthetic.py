@@ -11,7 +11,8 @@ import pytest
 from pipelines.sources import load_source
 from pipelines.synthetic import FAMILY_CLASSES, order_timing, render_video, write_synthetic_dataset
 from pipelines.video import decode_video
-from stresnet.config import DatasetConfig, SyntheticConfig, load_config
+from cluster.config import load_config
+from pipelines.config import DatasetConfig, SyntheticConfig
 
 
 def small(root: Path, **overrides) -> DatasetConfig:

@@ -148,7 +148,7 @@ def test_steps_per_pass_matches_the_loader_and_accumulation():
 
 
 def _temporal_model(**overrides):
-    from stresnet.config import load_config
+    from cluster.config import load_config
     from stresnet.model import build_model
 
     base = ["model.width=0.0625", "model.num_classes=5", "model.flow_length=2",

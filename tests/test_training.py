@@ -17,7 +17,7 @@ import torch
 from cluster.preflight import PreflightError
 from cluster.train import main, run_training
 from stresnet.checkpoint import load_train_state
-from stresnet.config import load_config
+from cluster.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "tiny.yaml"

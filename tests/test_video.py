@@ -37,7 +37,7 @@ def test_write_video_rejects_odd_sizes_and_unknown_extensions(tmp_path):
 def test_h264_encoding_gives_the_same_bytes_every_time(tmp_path):
     # A synthetic 64x80 clip: with x264's SIMD paths its bytes varied from call to call.
     from pipelines.synthetic import render_video, synthetic_classes
-    from stresnet.config import SyntheticConfig
+    from pipelines.config import SyntheticConfig
 
     disc = synthetic_classes(SyntheticConfig())[0]
     frames = render_video(disc, np.random.default_rng([0, 0, 8]), 40, 64, 80)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stresnet.config import dump_config, load_config
+from cluster.config import dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "synthetic" / "tiny.yaml"

@@ -15,11 +15,11 @@ from pipelines.loaders.schedule import Schedule
 from pipelines.loaders.shard_reader import ShardIndex
 
 if TYPE_CHECKING:
-    from stresnet.config import RunConfig
+    from pipelines.config import PipelineConfig
 
 
 def build_loader(
-    cfg: RunConfig,
+    cfg: PipelineConfig,
     split: str,
     rank: int,
     world_size: int,

@@ -16,11 +16,11 @@ import cv2
 import numpy as np
 import torch
 
+from pipelines.config import PipelineConfig
 from pipelines.loaders.schedule import ClipRequest
 from pipelines.loaders.shard_reader import (
     DamagedShardsError, SampleError, ShardIndex, check_damaged, check_jpeg, clip_member_names,
 )
-from stresnet.config import RunConfig
 from stresnet.sampling import ClipPlan, eval_plan, eval_views, train_plan
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class EncodedClip:
 class ClipSource:
     """Plans and reads clips of one split for one run config (picklable: DALI workers get one)."""
 
-    def __init__(self, cfg: RunConfig, index: ShardIndex, whole_video: bool = False):
+    def __init__(self, cfg: PipelineConfig, index: ShardIndex, whole_video: bool = False):
         self.sampling = cfg.sampling
         self.flow_length = cfg.model.flow_length
         self.seed = cfg.seed

@@ -248,13 +248,13 @@ def fit(members: list[float], values: list[float | None],
     slope of log v against log n (1 = linear, 0 = flat, > 1 worse than linear); the projection
     is a straight line v = c + k n through the points (a fixed cost plus a cost per member,
     which log-log extrapolation from small sets with a large fixed cost would understate),
-    or, for a flat ``rate`` (steps/s: a noisy slope extrapolated 30x says nothing), its value
-    at the largest set."""
+    or, for a ``rate`` (steps/s: the split's size does not enter a step, so a slope is load
+    noise, and extrapolated 30x it says nothing), its value at the largest set."""
     pairs = [(n, v) for n, v in zip(members, values) if v and v > 0]
     if len(pairs) < 2:
         return None
     _, b = _least_squares([(math.log(n), math.log(v)) for n, v in pairs])
-    if rate and abs(b) < 0.2:
+    if rate:
         return b, pairs[-1][1]
     c, k = _least_squares(pairs)
     return b, max(0.0, c + k * KINETICS_MEMBERS)
@@ -306,6 +306,8 @@ def projection_rows(results: list[dict]) -> list[list[str]]:
         b, projected = got
         growth = "flat" if abs(b) < 0.2 else "linear" if abs(b - 1) < 0.2 else (
             "worse than linear" if b > 1 else "sub-linear")
+        if key == "steps_per_s":
+            growth += "; not projected: load noise"
         rows.append([name, unit, f"{b:.2f} ({growth})", _fmt(values[-1]), _fmt(projected)])
     return rows
 

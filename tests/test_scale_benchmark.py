@@ -37,7 +37,7 @@ def test_growth_fit_gives_the_exponent_and_projects_linearly():
     b, projected = scale.fit([1e5, 1e6, 1e7], [1.0, 10.0, 100.0])
     assert abs(b - 1) < 1e-9 and abs(projected - 100.0 * scale.KINETICS_MEMBERS / 1e7) < 1e-6
     b, projected = scale.fit([1e5, 1e6], [3.0, 3.1], rate=True)
-    assert abs(b) < 0.2 and projected == 3.1  # a flat rate: the value at the largest set
+    assert abs(b) < 0.2 and projected == 3.1  # a rate: the value at the largest set
     b, projected = scale.fit([1e5, 1e6], [10.0, 19.0])  # 9 per 900,000 members on top of 9
     assert 0.2 < b < 1 and abs(projected - (9.0 + 1e-5 * scale.KINETICS_MEMBERS)) < 1e-6
     assert scale.fit([1e5], [1.0]) is None

@@ -124,7 +124,7 @@ class _IndexFile:
     mtime_ns: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per video: slots keep it at ~70 bytes
 class _IndexLines:
     """Where one sample's members are listed in its shard's index file: bytes ``start..end``,
     ``count`` lines of ``[name, offset, size, crc32]`` (the writer puts one member per line)."""
@@ -535,8 +535,9 @@ def _sample(path: str, f, key: str, group: dict, index: Path | None,
     if jpeg_size is None:
         log.warning("%s: sample %s has no readable first frame; skipped", path, key)
         return None
+    video_id = str(meta.get("video_id", key))
     return SampleRef(
-        path=path, key=key, video_id=str(meta.get("video_id", key)), label=label,
+        path=path, key=key, video_id=key if video_id == key else video_id, label=label,
         num_frames=num_frames, height=jpeg_size[0], width=jpeg_size[1],
         members=None if where else _frame_table(group["frames"]), lines=where,
     )

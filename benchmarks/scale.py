@@ -401,6 +401,7 @@ def section(args, table: str, projection: str, imports: str) -> str:
         f"receives. Load average at the end: {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (the machine is shared: wall times are inflated by other "
         f"jobs, CPU seconds are this process's own).\n\n"
+        f"What the numbers say and what changed: docs/loaders.md, \"At scale\".\n\n"
         f"{table}\n\nGrowth, fitted over the hot rows (log-log least squares), projected to a "
         f"Kinetics-400-sized split:\n\n{projection}\n\nResident memory of a fresh interpreter "
         f"after one import:\n\n{imports}\n"

@@ -61,7 +61,7 @@ class SampleRef:
 
     ``members`` of a sample whose shard has an index file is not kept in memory: it is read from
     the sample's lines of that file each time it is asked for (``_IndexLines``), so a rank holds
-    ~a few hundred bytes per video instead of ~24 bytes per member (UCF101: ~7 M members, a
+    ~1 KB per video instead of ~24 bytes per member (UCF101: ~7 M members, a
     Kinetics-400-sized split ~216 M). Ask once per clip. Samples of shards read by their tar
     headers (no index file) keep their table.
     """

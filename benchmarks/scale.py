@@ -51,7 +51,8 @@ SIZE = 32  # frame height and width of the tiny JPEGs
 COLUMNS = [
     "size", "videos", "members", "shards", "GB on disk", "cache", "import RSS MB",
     "index s (wall)", "index s (CPU)", "index RSS MB", "index peak MB", "bytes/member (RSS)",
-    "index pickled MB", "first batch s", "steps/s random", "steps/s stream",
+    "index pickled MB", "first batch s", "steps/s random", "first batch s (stream)",
+    "steps/s stream",
 ]
 
 
@@ -278,6 +279,7 @@ def table_rows(results: list[dict]) -> list[list[str]]:
             _fmt(rank["index_cpu_s"]), _fmt(rank["index_mb"], 1), _fmt(rank["index_peak_mb"], 1),
             _fmt(rank["index_mb"] * 2**20 / r["members"], 1), _fmt(rank.get("pickled_mb"), 1),
             _fmt(rank["first_batch_s"]), _fmt(rank["steps_per_s"], 1),
+            _fmt(None if stream is None else stream.get("first_batch_s")),
             _fmt(None if stream is None else stream.get("steps_per_s"), 1),
         ])
     return rows
@@ -333,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated --json files of the same benchmark run on an "
                              "earlier tree: shown as a 'before' table in RESULTS.md")
     parser.add_argument("--before-label", default="before", help="what the earlier tree was")
+    parser.add_argument("--note", default="", help="a sentence for RESULTS.md about this run")
+    parser.add_argument("--render", default="",
+                        help="comma-separated --json files: write the table from these results "
+                             "(measured earlier, e.g. sizes in separate runs) instead of measuring")
     parser.add_argument("--rank", type=Path, help=argparse.SUPPRESS)  # internal: one measurement
     parser.add_argument("--access", default="random", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -343,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         args.fractions, args.steps, args.batch, args.no_write = "0.0005,0.002", 3, 2, True
 
     root = args.root or Path(tempfile.mkdtemp(prefix="stresnet-scale-"))
-    results = []
+    results = [r for path in filter(None, args.render.split(",")) for r in json.loads(Path(path).read_text())]
+    if args.render:
+        args.fractions = ",".join(sorted({r["label"] for r in results}, key=lambda l: -len(l)))
     try:
-        for fraction in [float(f) for f in args.fractions.split(",")]:
+        for fraction in [] if args.render else [float(f) for f in args.fractions.split(",")]:
             videos = max(1, round(UCF101_VIDEOS * fraction))
             folder = root / f"ucf101x{fraction:g}"
             start = time.perf_counter()
@@ -401,6 +409,7 @@ def section(args, table: str, projection: str, imports: str) -> str:
         f"receives. Load average at the end: {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (the machine is shared: wall times are inflated by other "
         f"jobs, CPU seconds are this process's own).\n\n"
+        f"{args.note + ' ' if args.note else ''}"
         f"What the numbers say and what changed: docs/loaders.md, \"At scale\".\n\n"
         f"{table}\n\nGrowth, fitted over the hot rows (log-log least squares), projected to a "
         f"Kinetics-400-sized split:\n\n{projection}\n\nResident memory of a fresh interpreter "

@@ -49,7 +49,17 @@ def preflight(cfg: RunConfig) -> None:
     # make this cheap; shards without one are scanned).
     from pipelines.loaders.shard_reader import DamagedShardsError, ShardIndex
 
-    for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
+    indexed = [cfg.data.val_split]  # evaluation reads by random access in either mode
+    if cfg.data.access == "random":
+        indexed.insert(0, cfg.data.train_split)
+    else:  # streamed: the first shard must open and start like a tar
+        from pipelines.loaders.stream import ShardStreamError, probe
+
+        try:
+            probe(cfg, cfg.data.train_split)
+        except (ShardStreamError, ValueError) as err:
+            raise PreflightError(f"data.stream_url: {err}") from None
+    for split in dict.fromkeys(indexed):
         try:
             ShardIndex(cfg.data.shards, split, cfg.data.max_damaged_fraction)
         except DamagedShardsError as err:

@@ -109,6 +109,25 @@ class DataConfig:
     max_damaged_fraction: float = num(0.01, min=0.0, max=1.0)
     train_split: str = "train"
     val_split: str = "test"
+    # How training reads its shards (docs/loaders.md, "Streaming"): random = seek to each clip's
+    # members through the index files; stream = read whole shards in sequence, from
+    # data.stream_url, as WebDataset does (local files, http(s)://, pipe: commands, e.g. an
+    # object store's CLI). Evaluation reads data.shards by random access either way.
+    access: Literal["random", "stream"] = "random"
+    # stream: where the shard NAME listed in data.shards/manifest.json is read from, "{name}"
+    # replaced by it, e.g. "http://host/ucf101/{name}" or "pipe:aws s3 cp s3://bucket/ucf101/{name} -".
+    # Empty: the file data.shards/NAME.
+    stream_url: str = ""
+    stream_shuffle_buffer: int = num(64, min=1)  # clips held for shuffling, per loader process
+    stream_retries: int = num(3, min=0)  # re-opens of a shard whose stream breaks off
+
+    def check(self) -> None:
+        if self.stream_url and self.stream_url.count("{name}") != 1:
+            raise ConfigError(
+                f"stream_url: got {self.stream_url!r}, expected exactly one '{{name}}' (where the "
+                "shard's file name goes)"
+            )
+
 
 
 class PipelineConfig(Protocol):

@@ -53,6 +53,11 @@ def build_loader(
         # subMedian), so this centring is the CPU loader's for now.
         raise ValueError("sampling.flow_center 'median' is supported by data.backend 'cpu' only "
                          "(the median is taken over the whole frame before cropping)")
+    if train and cfg.data.access == "stream":  # evaluation reads by random access, always
+        from pipelines.loaders.stream import build_stream_loader
+
+        device = _dali_device(cfg) if backend == "dali" else None
+        return build_stream_loader(cfg, split, rank, world_size, backend, device)
     index = ShardIndex(cfg.data.shards, split, cfg.data.max_damaged_fraction)
     source = ClipSource(cfg, index, whole_video)
     if train:
@@ -70,14 +75,20 @@ def build_loader(
         return CpuClipLoader(source, schedule, workers, size, frames)
     from pipelines.loaders.dali import DaliClipLoader
 
+    return DaliClipLoader(
+        source, schedule, batch_size, frames, workers, size, _dali_device(cfg),
+        decode_threads=cfg.data.decode_threads, hw_decoder_load=cfg.data.hw_decoder_load,
+        half=cfg.train.bf16,  # autocast computes in bf16 anyway: hand over float16, half the bytes
+    )
+
+
+def _dali_device(cfg: PipelineConfig) -> torch.device:
+    """Where the DALI loader decodes and returns its batches (``data.dali_device``)."""
+    import torch
+
     use_gpu = cfg.data.dali_device == "gpu" or (
         cfg.data.dali_device == "auto" and torch.cuda.is_available()
     )
     if use_gpu and not torch.cuda.is_available():
         raise RuntimeError("data.dali_device is 'gpu' but this process sees no CUDA device")
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    return DaliClipLoader(
-        source, schedule, batch_size, frames, workers, size, device,
-        decode_threads=cfg.data.decode_threads, hw_decoder_load=cfg.data.hw_decoder_load,
-        half=cfg.train.bf16,  # autocast computes in bf16 anyway: hand over float16, half the bytes
-    )
+    return torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")

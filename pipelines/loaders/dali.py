@@ -263,10 +263,17 @@ def _read_reference(source: ClipSource, requests: list[ClipRequest]) -> _BatchRe
     if not clips:
         request = requests[0]
         clips.append((_stand_in(source, request), 0, request.view))
+    return pack_clips(clips, source.use_rgb, source.use_flow, source.flow_length)
+
+
+def pack_clips(clips: list[tuple[EncodedClip, int, int]], use_rgb: bool, use_flow: bool,
+               flow_length: int) -> _BatchRead:
+    """Clips already read, as (clip, keep, view), in the packed layout: the external source's
+    hand-over for the reference path and for streamed clips (``pipelines/loaders/stream.py``)."""
     blobs: dict[str, list[list[bytes]]] = {}
-    if source.use_rgb:
+    if use_rgb:
         blobs["rgb"] = [clip.rgb for clip, _, _ in clips]
-    if source.use_flow:
+    if use_flow:
         blobs["flow"] = [clip.flow for clip, _, _ in clips]
     flat = [b for per_clip in blobs.values() for blob in per_clip for b in blob]
     lengths = np.array([len(b) for b in flat], dtype=np.int64)
@@ -274,7 +281,7 @@ def _read_reference(source: ClipSource, requests: list[ClipRequest]) -> _BatchRe
     for row, blob in zip(jpegs, flat):
         row[: len(blob)] = np.frombuffer(blob, np.uint8)
     clip, field, is_rgb = _layout(
-        {m: [len(b) for b in per_clip] for m, per_clip in blobs.items()}, 2 * source.flow_length
+        {m: [len(b) for b in per_clip] for m, per_clip in blobs.items()}, 2 * flow_length
     )
     meta = np.array([[c.index, c.skipped, c.plan.flip, keep, view] for c, keep, view in clips],
                     np.int64)

@@ -35,6 +35,7 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: float = num(1.0, min=0.0)
     gpus_per_worker: float = num(1.0, min=0.0)
+    dashboard: bool = False  # a local Ray's dashboard (costs seconds and processes at every start)
     dashboard_host: str = "127.0.0.1"
 
 @dataclass

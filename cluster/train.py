@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from cluster.config import RunConfig, add_config_arguments, config_from_args
+from cluster.local_ray import announced_gcs_port, secure_local_ray
 from cluster.preflight import PreflightError, fetch_registered_init, preflight, resolve_run_name
 from cluster.worker import (
     DATA_DAMAGED,
@@ -75,6 +76,8 @@ LOCAL_RAY_ATTEMPTS = 3  # starts of a local Ray before giving up (see connect_ra
 
 def connect_ray(cfg: RunConfig) -> str:
     """Start a local Ray (``cluster.address`` None) or join a running one; returns its address."""
+    if cfg.cluster.address is None:
+        secure_local_ray()  # before `import ray`: Ray reads RAY_AUTH_MODE when imported
     import ray
 
     if not ray.is_initialized():
@@ -86,11 +89,15 @@ def connect_ray(cfg: RunConfig) -> str:
                 address="local",
                 num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
                 num_gpus=torch.cuda.device_count() if cfg.cluster.use_gpu else 0,
-                include_dashboard=False,  # needs ray[default]; not a dependency
-                # Without the dashboard, Ray Train's placement-group cleaner warns every few
-                # seconds that the state API is unavailable; show Ray's errors only.
-                logging_config=ray.LoggingConfig(log_level="ERROR"),
+                # The dashboard (ray[default]) costs seconds and processes at every start; it is
+                # what serves Ray's state API, so with it off, Ray Train's placement-group
+                # cleaner warns every few seconds that the state API is unavailable: show Ray's
+                # errors only.
+                include_dashboard=cfg.cluster.dashboard,
                 dashboard_host=cfg.cluster.dashboard_host,
+                logging_config=ray.LoggingConfig(log_level="ERROR"),
+                # Ray Train logs at WARNING (run_training); some of its warnings are none here.
+                runtime_env={"worker_process_setup_hook": "cluster.local_ray.quiet_ray_train"},
             )
             # Ray Train's preemption watcher follows node draining (autoscaled, preemptible
             # clusters); a local Ray's only node is never drained, and the watcher's start
@@ -99,7 +106,8 @@ def connect_ray(cfg: RunConfig) -> str:
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             for attempt in range(1, LOCAL_RAY_ATTEMPTS + 1):
                 try:
-                    ray.init(**options)
+                    with announced_gcs_port():
+                        ray.init(**options)
                     break
                 except Exception as err:  # Ray raises a bare Exception for this
                     # Ray gives its raylet a fixed 30 s to register; on a loaded host (another
@@ -108,6 +116,9 @@ def connect_ray(cfg: RunConfig) -> str:
                         raise
                     ray.shutdown()
                     progress(f"local Ray did not start in time (attempt {attempt}); retrying")
+            if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                progress(f"warning: RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE')}: this run's "
+                         "local Ray accepts connections from anyone who can reach this host")
         else:
             ray.init(address=cfg.cluster.address)
     return ray.get_runtime_context().gcs_address
@@ -115,9 +126,6 @@ def connect_ray(cfg: RunConfig) -> str:
 
 def run_training(cfg: RunConfig) -> TrainResult:
     """Check the config, run the workers, return where the run and its latest checkpoint are."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from cluster import tracking
 
     cfg = absolute_paths(cfg)
@@ -125,7 +133,10 @@ def run_training(cfg: RunConfig) -> TrainResult:
     run_name = resolve_run_name(cfg)
     run_dir = Path(cfg.train.storage_path) / run_name
     cfg, init_tags = fetch_registered_init(cfg, run_dir)
-    address = connect_ray(cfg)
+    address = connect_ray(cfg)  # before Ray Train is imported: see secure_local_ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     # Here, not in a worker: the experiment's artifact location (see cluster/tracking.py).
     tags = {**init_tags, **tracking.lineage_tags(cfg, init_tags, run_name)}
     run_tracking = tracking.prepare(cfg, address if cfg.cluster.address else None, tags)

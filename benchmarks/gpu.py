@@ -157,7 +157,7 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
     from nvidia.dali import fn, pipeline_def, types
 
     from pipelines.loaders.clips import ClipSource
-    from pipelines.loaders.dali import ANCHOR, IS_RGB, LENGTH, SHAPE, _BatchReader
+    from pipelines.loaders.dali import _BatchReader, output_names
     from pipelines.loaders.schedule import Schedule
     from pipelines.loaders.shard_reader import ShardIndex
 
@@ -165,23 +165,24 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
     index = ShardIndex(shards, "many")
     source = ClipSource(cfg, index)
     requests = Schedule(len(index), 32, 0, 1, cfg.seed)(0)[0]
-    jpegs, arguments, _ = _BatchReader(source, None, None).outputs(read_batch(source, requests))
+    reader = _BatchReader(source, None, None)
+    batch = dict(zip(output_names(source, reader.sizes_vary),
+                     reader.outputs(read_batch(source, requests))))
     gpu = args.device == "cuda"
     for load in (0.0, 0.65, 1.0):
-        @pipeline_def(batch_size=len(jpegs), num_threads=args.decode_threads,
+        @pipeline_def(batch_size=len(batch["jpegs"]), num_threads=args.decode_threads,
                       device_id=0 if gpu else None, prefetch_queue_depth=2)
         def decode():
-            data = fn.external_source(lambda: jpegs, batch=True, no_copy=True)
-            extra = fn.external_source(lambda: arguments, batch=True, no_copy=True)
-            data = fn.slice(data, start=[0], shape=extra[LENGTH : LENGTH + 1], axes=[0])
-            is_rgb = fn.cast(extra[IS_RGB], dtype=types.BOOL)
-            halves = [fn._conditional.split(x, predicate=is_rgb) for x in (data, extra)]
+            names = ("jpegs", "anchor", "shape", "is_rgb")
+            data, anchor, shape, is_rgb = (
+                fn.external_source(_constant(batch[name]), batch=True, no_copy=True)
+                for name in names)
+            halves = [fn._conditional.split(x, predicate=is_rgb) for x in (data, anchor, shape)]
             hints = {"hw_decoder_load": load} if gpu else {}
             outputs = []
             for half, colour in ((0, types.RGB), (1, types.GRAY)):
-                data_half, extra_half = halves[0][half], halves[1][half]
                 outputs.append(fn.decoders.image_slice(
-                    data_half, extra_half[ANCHOR : ANCHOR + 2], extra_half[SHAPE : SHAPE + 2],
+                    halves[0][half], halves[1][half], halves[2][half],
                     axis_names="WH", normalized_anchor=False, normalized_shape=False,
                     output_type=colour, jpeg_fancy_upsampling=True,
                     device="mixed" if gpu else "cpu", **hints))
@@ -197,12 +198,17 @@ def decode_only(report: Report, shards: Path, args: argparse.Namespace) -> None:
             runs += 1
         if gpu:
             torch.cuda.synchronize()
-        rate = runs * len(jpegs) / (time.perf_counter() - start)
+        rate = runs * len(batch["jpegs"]) / (time.perf_counter() - start)
         need = TARGET_CLIPS * JPEGS_PER_CLIP
         report.add("decode", f"hw_decoder_load {load}: JPEG/s ({args.decode_threads} CPU threads)",
                    f"{rate:,.0f} ({rate / need:.2f}x the {need:,} that {TARGET_CLIPS} clips/s "
                    f"need)")
         del pipe
+
+
+def _constant(value):
+    """An external source that hands over ``value`` every iteration (takes no argument)."""
+    return lambda: value
 
 
 def training_step(report: Report, args: argparse.Namespace) -> None:

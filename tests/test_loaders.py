@@ -373,6 +373,33 @@ def test_packed_and_per_sample_hand_over_decode_identical_pixels(shards):
             assert torch.equal(a["rgb"], b["rgb"]) and torch.equal(a["flow"], b["flow"])
 
 
+def test_packed_rows_hold_exactly_each_planned_member_then_zeros(shards):
+    """The DALI workers' span reads (one preadv per run of neighbouring members, a flow field
+    shared by overlapping stacks read once and copied) give every row exactly the bytes
+    ``ShardIndex.read`` gives for that member, followed by zeros (what the decoder skips)."""
+    from pipelines.loaders.clips import ClipSource
+    from pipelines.loaders.dali import _read_fast
+
+    cfg = config(shards)
+    index = ShardIndex(shards, "train")
+    source = ClipSource(cfg, index)
+    overlapping = 0
+    for epoch in (0, 1):
+        for batch in train_batches(len(index), 4, 0, 1, cfg.seed, epoch):
+            read = _read_fast(source, batch)
+            assert read is not None
+            clips = [source.read(request, request.index) for request in batch]
+            # every RGB frame of the batch, then every flow field
+            expected = [b for c in clips for b in c.rgb] + [b for c in clips for b in c.flow]
+            fields = [[i for stack in c.plan.flow_indices for i in stack] for c in clips]
+            overlapping += sum(len(f) - len(set(f)) for f in fields)
+            assert len(read.jpegs) == len(expected)
+            for row, length, blob in zip(read.jpegs, read.lengths, expected, strict=True):
+                assert length == len(blob) and row[:length].tobytes() == blob
+                assert not row[length:].any()
+    assert overlapping > 0  # the copies were exercised
+
+
 def test_vectorised_jpeg_check_never_accepts_what_check_jpeg_rejects():
     import numpy as np
     from loader_shards import jpeg
@@ -414,6 +441,10 @@ def test_vectorised_jpeg_check_never_accepts_what_check_jpeg_rejects():
     assert fast == accepted
     assert accepted["good"] and accepted["fill bytes"] and accepted["app segment"]
     assert sum(accepted.values()) == 4
+    # checking some rows only (the DALI workers skip rows that copy another): the same verdicts
+    rows = np.arange(len(cases))[::-1][::2].copy()
+    some = check_packed(packed, lengths[rows], sizes[0][rows], sizes[1][rows], rows=rows)
+    assert some.tolist() == [list(accepted.values())[k] for k in rows]
 
 # ------------------------------------------------------------------------------------------
 # Index files, and the header scan for shards without one

@@ -15,15 +15,21 @@ for RGB, ``(byte - 128) / FLOW_SCALE`` for flow, a flipped x field negated as ``
 GPU under bf16 autocast): the network's input. ``torch.from_dlpack`` hands it over without a copy
 (on the GPU, ordered on the current stream).
 
-**Batch-level hand-over.** A worker returns three dense arrays per batch: every JPEG of the
-batch as one row of a zero-padded ``(N, longest)`` uint8 array (``fn.slice`` cuts the rows back to
-the exact bytes inside DALI), one int32 row of arguments per JPEG (crop, mirror, modality,
-length, and the clips' metadata), and the flow normalisation. The training process's main thread
-therefore feeds three arrays per batch instead of one per JPEG. Workers read each shard once per
-span of neighbouring members (``os.preadv`` straight into the rows) and check every JPEG's
-markers and size with vectorised code; any clip that is not perfectly in order sends the whole
-batch through the reference path (``ClipSource.load``: the same checks, warnings and
-substitutions as the CPU loader), so both loaders skip the same samples.
+**Batch-level hand-over.** A worker returns a few dense arrays per batch (``output_names``):
+every JPEG of the batch as one row of a zero-padded ``(N, longest)`` uint8 array, and one array
+per argument that a DALI operator takes per JPEG (crop anchor and shape, mirror flag, output
+size, flow normalisation, modality), already in the type the operator wants, plus the clips'
+metadata. So the training process's main thread feeds a fixed number of arrays per batch, not one
+per JPEG, and nothing is sliced or cast per JPEG inside DALI: there every per-JPEG operator costs
+~1-2 us of CPU per JPEG (``fn.slice`` back to the exact bytes ~6 us), which measured as more than
+all the rest of the hand-over. The decoder gets each row whole: it stops at the JPEG's end
+marker, so the zero padding after it is never read (libjpeg-turbo: the packed vs per-sample test;
+nvJPEG: ``benchmarks/gpu.py``'s parity section). Workers read each shard once per span of
+neighbouring members (``os.preadv`` straight into the rows; a flow field shared by overlapping
+stacks is read and checksummed once and copied) and check every JPEG's markers and size with
+vectorised code; any clip that is not perfectly in order sends the whole batch through the
+reference path (``ClipSource.load``: the same checks, warnings and substitutions as the CPU
+loader), so both loaders skip the same samples.
 
 **Built once.** The pipeline lives as long as the loader. A small control block shared with the
 workers says which DALI epoch (``BatchInfo.epoch_idx``) produces which of our epochs, so any
@@ -34,6 +40,7 @@ with ``StopIteration`` at once) and drained; the evaluation loader's epochs are 
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import tempfile
@@ -47,19 +54,18 @@ import torch
 from pipelines.loaders.clips import ClipSource, EncodedClip, batch_dict
 from pipelines.loaders.schedule import ClipRequest
 from pipelines.loaders.shard_reader import SampleError
-from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, normalize_clip
+from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD
 
-# Every JPEG's int32 argument row (``_BatchReader.outputs``): its crop anchor (x, y) and shape
-# (w, h), mirror flag, modality, byte length, output size (height, width), then -- in the first rows only, one per clip --
-# the clip's metadata: sample used, damaged samples skipped, flip, keep (0 = stand-in), view,
-# and 1 marking the row as a clip row.
-ANCHOR, SHAPE, MIRROR, IS_RGB, LENGTH, OUT_SIZE, META = 0, 2, 4, 5, 6, 7, 9
+# The clip metadata output (``_BatchReader.outputs``, int32, one row per JPEG so that it has the
+# batch's size; only the first rows, one per clip, are filled): sample used, damaged samples
+# skipped, flip, keep (0 = stand-in), view, and 1 marking the row as a clip row.
 META_COLUMNS = 5
-ARG_COLUMNS = META + META_COLUMNS + 1
 # Members of one shard closer than this are read with one preadv (the gap lands in a scratch
 # buffer): a tar member is preceded by 1-2 KB of headers, so a clip's frames of one kind are one
 # span.
 MAX_GAP = 64 * 1024
+# Members per preadv call (each takes two buffers: its row and the gap before it; IOV_MAX is 1024).
+MAX_SPAN = 500
 # Rows of the packed JPEG array are padded to a multiple of this, so that most batches have the
 # same array size (DALI's shared-memory slots are then never resized).
 ROW_ALIGN = 1024
@@ -129,6 +135,10 @@ class _BatchReader:
         self.schedule = schedule  # epoch -> list of batches of ClipRequest
         self.control = control
         self.packed = packed  # False: one array per JPEG (the reference the tests compare with)
+        # Output sizes differ between JPEGs only for full_frame test views (input_size otherwise;
+        # no schedule: training clips)
+        self.sizes_vary = schedule is not None and bool(schedule.num_views) and (
+            source.sampling.test_crops == "full_frame")
         self._cache: tuple[int, list] | None = None
 
     def __getstate__(self):
@@ -153,32 +163,45 @@ class _BatchReader:
         return self.outputs(read_batch(self.source, batches[info.iteration]))
 
     def outputs(self, read: _BatchRead) -> tuple:
-        """(jpegs, args, normalisation): one row per JPEG; ``args`` as described at ARG_COLUMNS,
-        ``normalisation`` = (mean, std) of a flow field."""
-        n = len(read.jpegs)
-        args = np.zeros((n, ARG_COLUMNS), np.int32)
-        args[:, ANCHOR : ANCHOR + 2] = read.boxes[read.clip, :2]
-        args[:, SHAPE : SHAPE + 2] = read.boxes[read.clip, 2:]
-        args[:, MIRROR] = read.meta[read.clip, 2]
-        args[:, IS_RGB] = read.is_rgb
-        args[:, LENGTH] = read.lengths
-        args[:, OUT_SIZE : OUT_SIZE + 2] = read.sizes[read.clip]
-        clips = len(read.meta)
-        args[:clips, META : META + META_COLUMNS] = read.meta
-        args[:clips, META + META_COLUMNS] = 1
+        """The external source's outputs (``output_names``), one row per JPEG each: every
+        argument a DALI operator takes per JPEG as its own dense array of the type the operator
+        wants, so that nothing is sliced or cast per JPEG inside DALI (each such operator costs
+        ~1-2 us of CPU per JPEG there: more than the rest of the hand-over)."""
+        clip = read.clip
+        out = {
+            "jpegs": read.jpegs if self.packed else
+            [row[:k].copy() for row, k in zip(read.jpegs, read.lengths.tolist())],
+            "anchor": read.boxes[clip, :2].astype(np.float32),
+            "shape": read.boxes[clip, 2:].astype(np.float32),
+            "mirror": read.meta[clip, 2].astype(np.int32),
+            "size": read.sizes[clip].astype(np.float32),
+            "is_rgb": read.is_rgb,
+        }
         # A mirrored clip moves the other way: its x fields become 255 - byte, so
-        # (255 - byte - 128) / s = (byte - 127) / -s. (Median centring happens in torch.)
-        negate = (args[:, MIRROR] == 1) & ~read.is_rgb & (read.field % 2 == 0)
-        if self.source.sampling.flow_center == "median":
-            negate[:] = False
-        normalisation = np.empty((n, 2), np.float32)
-        normalisation[:, 0] = np.where(negate, 127.0, 128.0)
-        normalisation[:, 1] = np.where(negate, -FLOW_SCALE, FLOW_SCALE)
-        if self.packed:
-            jpegs = read.jpegs
-        else:
-            jpegs = [row[:k].copy() for row, k in zip(read.jpegs, read.lengths.tolist())]
-        return jpegs, args, normalisation
+        # (255 - byte - 128) / s = (byte - 127) / -s.
+        negate = (out["mirror"] == 1) & ~read.is_rgb & (read.field % 2 == 0)
+        out["mean"] = np.where(negate, 127.0, 128.0).astype(np.float32)[:, None]
+        out["std"] = np.where(negate, -FLOW_SCALE, FLOW_SCALE).astype(np.float32)[:, None]
+        meta = np.zeros((len(clip), META_COLUMNS + 1), np.int32)
+        meta[: len(read.meta), :META_COLUMNS] = read.meta
+        meta[: len(read.meta), META_COLUMNS] = 1
+        out["meta"] = meta
+        return tuple(out[name] for name in output_names(self.source, self.sizes_vary))
+
+
+def output_names(source: ClipSource, sizes_vary: bool) -> tuple[str, ...]:
+    """What the external source hands over per batch, in order: the packed JPEGs, the crop
+    (anchor x, y and shape w, h in pixels), mirror flag and output size (height, width) of each,
+    the flow normalisation (mean, std; RGB uses constants), the modality that splits a
+    two-stream batch, and the clip metadata (``META_COLUMNS``). Only what the graph uses: DALI
+    warns about outputs that go nowhere; without ``sizes_vary`` every JPEG is resized to
+    ``input_size`` square, a constant of the graph."""
+    names = ["jpegs", "anchor", "shape", "mirror"] + (["size"] if sizes_vary else [])
+    if source.use_flow:
+        names += ["mean", "std"]
+    if source.use_rgb and source.use_flow:
+        names.append("is_rgb")
+    return (*names, "meta")
 
 
 def read_batch(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead:
@@ -192,21 +215,17 @@ def _layout(per_clip: dict[str, list[int]], two_l: int) -> tuple[np.ndarray, ...
     """clip, field and is_rgb of every row, for ``per_clip[modality]`` = JPEGs of each clip."""
     clip, field, is_rgb = [], [], []
     for modality, counts in per_clip.items():
+        counts = np.asarray(counts, dtype=np.int64)
         per_position = 1 if modality == "rgb" else two_l
-        for c, n in enumerate(counts):
-            clip.append(np.full(n, c))
-            field.append(np.arange(n) % per_position)
-            is_rgb.append(np.full(n, modality == "rgb"))
+        first = np.repeat(np.cumsum(counts) - counts, counts)  # each row's clip's first row
+        clip.append(np.repeat(np.arange(len(counts)), counts))
+        field.append((np.arange(counts.sum()) - first) % per_position)
+        is_rgb.append(np.full(counts.sum(), modality == "rgb"))
     return np.concatenate(clip), np.concatenate(field), np.concatenate(is_rgb)
 
 
 def _read_fast(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead | None:
-    tables: dict[str, list[np.ndarray]] = {}
-    if source.use_rgb:
-        tables["rgb"] = []
-    if source.use_flow:
-        tables["flow"] = []
-    refs, plans = [], []
+    rgb_tables, flow_tables, refs, plans = [], [], [], []
     for request in requests:
         try:
             ref = source.index.ref(request.index)
@@ -215,35 +234,38 @@ def _read_fast(source: ClipSource, requests: list[ClipRequest]) -> _BatchRead | 
             return None
         table = ref.members
         frames = table.shape[1]
-        positions = np.asarray(plan.positions, dtype=np.int64)
-        fields = np.asarray(plan.flow_indices, dtype=np.int64).reshape(-1)
-        if (source.use_rgb and positions.max() >= frames) or (
-            source.use_flow and fields.size and fields.max() >= frames
-        ):
-            return None
         if source.use_rgb:
-            tables["rgb"].append(table[0, positions])
+            positions = np.array(plan.positions)
+            if positions.max() >= frames:
+                return None
+            rgb_tables.append(table[0, positions])
         if source.use_flow:  # per position x1, y1, x2, y2, ...
-            tables["flow"].append(table[1:3, fields].transpose(1, 0, 2).reshape(-1, table.shape[2]))
+            fields = np.array(plan.flow_indices).reshape(-1)
+            if fields.size and fields.max() >= frames:
+                return None
+            flow_tables.append(table[1:3, fields].transpose(1, 0, 2).reshape(-1, table.shape[2]))
         refs.append(ref)
         plans.append(plan)
-    where = np.concatenate([t for per_clip in tables.values() for t in per_clip])
+    per_clip = {}
+    if source.use_rgb:
+        per_clip["rgb"] = [len(t) for t in rgb_tables]
+    if source.use_flow:
+        per_clip["flow"] = [len(t) for t in flow_tables]
+    where = np.concatenate(rgb_tables + flow_tables)
     if (where[:, 0] < 0).any():
         return None
-    clip, field, is_rgb = _layout(
-        {m: [len(t) for t in per_clip] for m, per_clip in tables.items()}, 2 * source.flow_length
-    )
-    jpegs = np.empty((len(where), _align(int(where[:, 1].max()))), dtype=np.uint8)
-    if not _read_members([refs[c].path for c in clip.tolist()], where, jpegs):
+    clip, field, is_rgb = _layout(per_clip, 2 * source.flow_length)
+    # Zero padding: the decoder gets each whole row and stops at the JPEG's end marker.
+    jpegs = np.zeros((len(where), _align(int(where[:, 1].max()))), dtype=np.uint8)
+    paths = {}
+    file_of_clip = np.array([paths.setdefault(r.path, len(paths)) for r in refs])
+    read = _read_members(list(paths), file_of_clip[clip], where, jpegs)
+    if read is None:
         return None
-    # The index files' checksums (absent: -1): a member whose bytes changed is damaged, and the
-    # whole batch goes through the reference path, which skips and counts it.
-    for row, (size, crc) in enumerate(where[:, 1:3].tolist()):
-        if crc >= 0 and zlib.crc32(jpegs[row, :size]) != crc:
-            return None
-    heights = np.array([r.height for r in refs])[clip]
-    widths = np.array([r.width for r in refs])[clip]
-    if not check_packed(jpegs, where[:, 1], heights, widths).all():
+    # the rows read (the others are copies of them)
+    heights = np.array([r.height for r in refs])[clip[read]]
+    widths = np.array([r.width for r in refs])[clip[read]]
+    if not check_packed(jpegs, where[read, 1], heights, widths, rows=read).all():
         return None
     meta = np.array([[r.index, 0, p.flip, 1, r.view] for r, p in zip(requests, plans)], np.int64)
     boxes = np.array([[p.box.x, p.box.y, p.box.w, p.box.h] for p in plans], np.int32)
@@ -305,74 +327,95 @@ def _align(n: int) -> int:
     return max(ROW_ALIGN, -(-n // ROW_ALIGN) * ROW_ALIGN)
 
 
-def _read_members(paths: list[str], where: np.ndarray, out: np.ndarray) -> bool:
-    """Read member k (``where[k]`` = offset, size in ``paths[k]``) into ``out[k, :size]``: one
-    ``os.preadv`` per span of neighbouring members of a file, each member once (a flow field in
-    two overlapping stacks is read once and copied). False if a file is shorter than expected."""
-    names = {path: i for i, path in enumerate(dict.fromkeys(paths))}
-    files = np.array([names[p] for p in paths])
+def _read_members(paths: list[str], files: np.ndarray, where: np.ndarray,
+                  out: np.ndarray) -> np.ndarray | None:
+    """Read member k (``where[k]`` = offset, size, CRC-32 or -1, in ``paths[files[k]]``) into
+    ``out[k, :size]``: one ``os.preadv`` per span of neighbouring members of a file, each member
+    once (a flow field in two overlapping stacks is read and checksummed once, then copied).
+    Returns the rows read (the others are copies), or None if a file is shorter than expected or
+    a member's bytes do not match its CRC-32 (the index files' checksums: the reference path then
+    skips and counts the damaged sample)."""
+    n = len(where)
     order = np.lexsort((where[:, 0], files))
-    offsets, sizes = where[order, 0], where[order, 1]
-    same = np.zeros(len(order), dtype=bool)  # the same member as the previous row in order
-    same[1:] = (files[order][1:] == files[order][:-1]) & (offsets[1:] == offsets[:-1])
+    file, offset, size, crc = files[order], where[order, 0], where[order, 1], where[order, 2]
+    dup = np.zeros(n, dtype=bool)  # the same member as the previous row in order
+    dup[1:] = (file[1:] == file[:-1]) & (offset[1:] == offset[:-1])
+    holder = order[np.maximum.accumulate(np.where(dup, 0, np.arange(n)))]
+    unique = ~dup
+    rows = order[unique]
+    file, offset, size, crc = file[unique], offset[unique], size[unique], crc[unique]
+    end = offset + size
+    gap = np.zeros_like(offset)
+    gap[1:] = offset[1:] - end[:-1]
+    start = np.ones(len(rows), dtype=bool)  # a member that begins a new span
+    start[1:] = (file[1:] != file[:-1]) | (gap[1:] > MAX_GAP) | (gap[1:] < 0)
     width = out.shape[1]
     flat = memoryview(out).cast("B", shape=[out.size])
     scratch = memoryview(bytearray(MAX_GAP))
-    by_file = [p for p in names]
-    spans: list[tuple[int, int, list]] = []  # (file, start, buffers)
-    copies: list[tuple[int, int, int]] = []  # (row, row holding the same member, size)
-    end, holder = -1, -1
-    for row, file, offset, size, dup in zip(order.tolist(), files[order].tolist(),
-                                            offsets.tolist(), sizes.tolist(), same.tolist()):
-        if dup:
-            copies.append((row, holder, size))
-            continue
-        holder = row
-        if not spans or file != spans[-1][0] or offset - end > MAX_GAP or len(spans[-1][2]) > 900:
-            spans.append((file, offset, []))
-        elif offset > end:
-            spans[-1][2].append(scratch[: offset - end])
-        spans[-1][2].append(flat[row * width : row * width + size])
-        end = offset + size
-    descriptors = {}
+    views = [flat[a : a + k] for a, k in zip((rows * width).tolist(), size.tolist())]
+    gaps = [scratch[:g] for g in gap.tolist()]
+    bounds = np.flatnonzero(start).tolist() + [len(rows)]
+    with contextlib.ExitStack() as stack:
+        fds = [stack.enter_context(_opened(p)) for p in paths]
+        for first, stop in zip(bounds[:-1], bounds[1:]):
+            for lo in range(first, stop, MAX_SPAN):  # preadv takes at most IOV_MAX buffers
+                hi = min(lo + MAX_SPAN, stop)
+                buffers = [None] * (2 * (hi - lo) - 1)
+                buffers[0::2] = views[lo:hi]
+                buffers[1::2] = gaps[lo + 1 : hi]
+                want = int(end[hi - 1] - offset[lo])
+                if os.preadv(fds[int(file[lo])], buffers, int(offset[lo])) != want:
+                    return None
+    checked = np.flatnonzero(crc >= 0).tolist()
+    if checked:
+        found = np.array([zlib.crc32(views[k]) for k in checked], dtype=np.int64)
+        if (found != crc[checked]).any():
+            return None
+    copies = order[dup]
+    if copies.size:
+        out[copies] = out[holder[dup]]
+    return rows
+
+
+@contextlib.contextmanager
+def _opened(path: str):
+    fd = os.open(path, os.O_RDONLY)
     try:
-        for file, start, buffers in spans:
-            if file not in descriptors:
-                descriptors[file] = os.open(by_file[file], os.O_RDONLY)
-            if os.preadv(descriptors[file], buffers, start) != sum(len(b) for b in buffers):
-                return False
+        yield fd
     finally:
-        for fd in descriptors.values():
-            os.close(fd)
-    for row, holder, size in copies:
-        out[row, :size] = out[holder, :size]
-    return True
+        os.close(fd)
 
 
 def check_packed(jpegs: np.ndarray, lengths: np.ndarray, heights: np.ndarray,
-                 widths: np.ndarray, max_segments: int = 32) -> np.ndarray:
+                 widths: np.ndarray, max_segments: int = 32,
+                 rows: np.ndarray | None = None) -> np.ndarray:
     """``shards.check_jpeg`` for a whole packed batch at once: True where row k is a complete JPEG
     (start marker, end marker in its last 16 bytes) whose first start-of-frame segment says
     ``heights[k] x widths[k]``. It walks the marker segments of all rows in lockstep; a row whose
     frame header comes after more than ``max_segments`` segments is reported False (the caller
-    then runs the exact scalar check). It never accepts what ``check_jpeg`` rejects."""
-    n = len(jpegs)
+    then runs the exact scalar check). It never accepts what ``check_jpeg`` rejects. ``rows``:
+    check only these rows of ``jpegs`` (``lengths``, ``heights``, ``widths`` are theirs)."""
+    stride = jpegs.shape[1]
+    flat = jpegs.reshape(-1)
+    rows = np.arange(len(jpegs)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = len(rows)
     lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     if n == 0:
         return np.ones(0, dtype=bool)
-    rows = np.arange(n)
-    last = jpegs.shape[1] - 1
-    ok = (lengths >= 4) & (jpegs[:, 0] == 0xFF) & (jpegs[:, 1] == 0xD8)
+    base = rows * stride  # where each row starts in ``flat``
+    last = stride - 1
+    head = flat[base[:, None] + np.arange(2)]
+    ok = (lengths >= 4) & (head[:, 0] == 0xFF) & (head[:, 1] == 0xD8)
     start = np.maximum(lengths - 16, 0)
     window = np.arange(16)
-    idx = np.minimum(start[:, None] + window, last)
-    tail = jpegs[rows[:, None], idx]
+    tail = flat[base[:, None] + np.minimum(start[:, None] + window, last)]
     inside = window[None, :] < (lengths - start)[:, None]
     ok &= ((tail[:, :-1] == 0xFF) & (tail[:, 1:] == 0xD9) & inside[:, 1:]).any(axis=1)
 
     size_ok = np.zeros(n, dtype=bool)
     position = np.full(n, 2, dtype=np.int64)
     active = ok.copy()
+    segment = np.arange(9)
     for _ in range(max_segments):
         act = np.flatnonzero(active)
         if act.size == 0:
@@ -380,17 +423,17 @@ def check_packed(jpegs: np.ndarray, lengths: np.ndarray, heights: np.ndarray,
         p = position[act]
         room = p + 9 < lengths[act]
         q = np.minimum(p, last - 9)
-        byte = jpegs[act, q]
-        marker = jpegs[act, q + 1]
+        # marker byte, marker, segment length (2), precision, height (2), width (2)
+        head = flat[(base[act] + q)[:, None] + segment].astype(np.int64)
+        byte, marker = head[:, 0], head[:, 1]
         stop = ~room | (byte != 0xFF)
         fill = ~stop & (marker == 0xFF)
         frame = ~stop & ~fill & _SOF[marker]
-        height = jpegs[act, q + 5].astype(np.int64) * 256 + jpegs[act, q + 6]
-        width = jpegs[act, q + 7].astype(np.int64) * 256 + jpegs[act, q + 8]
+        height = head[:, 5] * 256 + head[:, 6]
+        width = head[:, 7] * 256 + head[:, 8]
         size_ok[act[frame]] = (height[frame] == heights[act[frame]]) & (
             width[frame] == widths[act[frame]])
-        length = jpegs[act, q + 2].astype(np.int64) * 256 + jpegs[act, q + 3]
-        position[act] = np.where(fill, p + 1, p + 2 + length)
+        position[act] = np.where(fill, p + 1, p + 2 + head[:, 2] * 256 + head[:, 3])
         active[act[stop | frame]] = False
     return ok & size_ok
 
@@ -427,7 +470,7 @@ def network_input(jpegs, anchors, shapes, mirror, mean, std, color: bool, size: 
         jpeg_fancy_upsampling=True, device="mixed" if settings.device_id is not None else "cpu",
         **hints,
     )
-    image = fn.resize(image, size=fn.cast(size, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR,
+    image = fn.resize(image, size=size, interp_type=types.INTERP_LINEAR,
                       antialias=False)
     dtype = types.FLOAT16 if settings.dtype == "float16" else types.FLOAT
     return fn.crop_mirror_normalize(image, mirror=mirror, mean=mean, std=std, dtype=dtype,
@@ -436,7 +479,7 @@ def network_input(jpegs, anchors, shapes, mirror, mean, std, color: bool, size: 
 
 def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: int,
                     settings: DecodeSettings, hint: int):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     source = reader.source
     parallel = workers > 0
@@ -450,37 +493,38 @@ def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: i
         extra = {}
         if parallel:  # depth >= workers keeps every worker busy; the hint sizes shared memory once
             extra = {"prefetch_queue_depth": 2 * workers, "bytes_per_sample_hint": hint}
-        jpegs, args, normalisation = fn.external_source(
-            reader, num_outputs=3, batch=True, batch_info=True, parallel=parallel, **extra,
-        )
-        if reader.packed:
-            jpegs = fn.slice(jpegs, start=[0], shape=args[LENGTH : LENGTH + 1], axes=[0])
-        parts = {"rgb": (jpegs, args, normalisation), "flow": (jpegs, args, normalisation)}
-        if source.use_rgb and source.use_flow:
+        names = output_names(source, reader.sizes_vary)
+        inputs = dict(zip(names, fn.external_source(
+            reader, num_outputs=len(names), batch=True, batch_info=True, parallel=parallel,
+            **extra,
+        )))
+        meta = inputs.pop("meta")
+        is_rgb = inputs.pop("is_rgb", None)
+        # Packed rows go to the decoder whole: it stops at the JPEG's end marker, so the zero
+        # padding after it is never read (a per-JPEG fn.slice back to the exact bytes cost more
+        # CPU than everything else in the graph together).
+        parts = {"rgb": inputs, "flow": inputs}
+        if is_rgb is not None:
             # One batch, two sub-batches: every RGB frame, every flow field. (DALI's conditional
             # split: what `if` compiles to with enable_conditionals, without merging back.)
-            is_rgb = fn.cast(args[IS_RGB], dtype=types.BOOL)
-            halves = [fn._conditional.split(x, predicate=is_rgb) for x in parts["rgb"]]
-            parts = {"rgb": [h[0] for h in halves], "flow": [h[1] for h in halves]}
+            halves = {k: fn._conditional.split(v, predicate=is_rgb) for k, v in inputs.items()}
+            parts = {m: {k: h[i] for k, h in halves.items()} for i, m in enumerate(("rgb", "flow"))}
         outputs = []
         for modality, used in (("rgb", source.use_rgb), ("flow", source.use_flow)):
             if not used:
                 continue
-            jpegs, args_part, norm = parts[modality]
+            part = parts[modality]
             if modality == "rgb":
                 mean = [m * 255 for m in IMAGENET_MEAN]
                 std = [s * 255 for s in IMAGENET_STD]
-            elif source.sampling.flow_center == "median":
-                mean, std = [0.0], [1.0]  # bytes as float: centred and negated in torch
             else:
-                mean, std = norm[0:1], norm[1:2]
+                mean, std = part["mean"], part["std"]
             # network_input is looked up when the pipeline is built: the benchmarks stub it
             outputs.append(network_input(
-                jpegs, args_part[ANCHOR : ANCHOR + 2], args_part[SHAPE : SHAPE + 2],
-                args_part[MIRROR], mean, std, modality == "rgb",
-                args_part[OUT_SIZE : OUT_SIZE + 2], settings,
+                part["jpegs"], part["anchor"], part["shape"], part["mirror"], mean, std,
+                modality == "rgb", part.get("size", [float(size)] * 2), settings,
             ))
-        return (*outputs, args)
+        return (*outputs, meta)
 
     pipe = clip_pipeline()
     pipe.build()
@@ -575,7 +619,7 @@ class DaliClipLoader:
             self.source.use_flow)
         jpegs = self.batch_size * self._frames_per_clip() * per_position
         reader = _BatchReader(self.source, self.schedule, self._control, self.packed)
-        hint = _align(longest) + 4 * ARG_COLUMNS + 8 + 64  # one row and its arguments
+        hint = _align(longest) + 4 * (14 + META_COLUMNS) + 64  # one row and its arguments
         self._pipe = _build_pipeline(reader, jpegs, self.size, self.workers, settings, hint)
         self.builds += 1
 
@@ -587,12 +631,12 @@ class DaliClipLoader:
     # -- outputs -> batch dict -------------------------------------------------------------
 
     def _batch(self, outputs, requests: list[ClipRequest]) -> dict:
-        *images, args = outputs
+        *images, meta = outputs
         # no copy: the tensors keep DALI's buffers alive; on a GPU the consumer's current
         # stream waits for DALI's (no host synchronisation)
         images = [torch.from_dlpack(image.as_tensor()) for image in images]
-        args = np.asarray(args.as_tensor())  # always on the CPU
-        first = args[args[:, META + META_COLUMNS] == 1, META : META + META_COLUMNS]  # per clip
+        meta = np.asarray(meta.as_tensor())  # always on the CPU
+        first = meta[meta[:, META_COLUMNS] == 1, :META_COLUMNS]  # per clip
         kept = first[:, 3] == 1
         used = first[kept, 0].tolist()
         skipped = int(first[:, 1].sum()) + len(requests) - len(used)
@@ -604,9 +648,6 @@ class DaliClipLoader:
             rgb = self._clips(images.pop(0), keep, len(first), 3)
         if self.source.use_flow:
             flow = self._clips(images.pop(0), keep, len(first), 2 * self.source.flow_length)
-            if self.source.sampling.flow_center == "median":  # bytes: centre in torch
-                flips = torch.from_numpy(first[kept, 2] == 1)
-                _, flow = normalize_clip(None, flow.permute(0, 1, 3, 4, 2), flips, "median")
         return batch_dict(self.source, used, views, rgb, flow, skipped)
 
     @staticmethod

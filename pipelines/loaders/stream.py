@@ -501,6 +501,7 @@ class _Feed:
     handed over wait in ``handed`` for their outputs."""
 
     packed = True
+    sizes_vary = False  # training clips: every JPEG is resized to input_size square
 
     def __init__(self, stream: ClipStream):
         self.source = stream  # what the pipeline builder reads: use_rgb, use_flow, sampling

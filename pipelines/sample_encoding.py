@@ -111,15 +111,12 @@ def video_sample(entry: VideoEntry, p: Processing) -> dict:
         size = resized_shape(flow_height, flow_width, p.short_side)
 
     params = [cv2.IMWRITE_JPEG_QUALITY, p.jpeg_quality]
-    sample: dict = {"__key__": entry.video_id}
-    for i, frame in enumerate(_resized(frames, size)):
-        sample[fmt.rgb_member(i)] = _jpeg(frame, params)
-    for i, field in enumerate(_ESTIMATORS[key].fields(frames)):
-        flow = fmt.quantize_flow(field, p.flow_bound)
-        name_x, name_y = fmt.flow_members(i)
-        flow_x, flow_y = _resized(np.stack([flow[:, :, 0], flow[:, :, 1]]), size)
-        sample[name_x] = _jpeg(flow_x, params)
-        sample[name_y] = _jpeg(flow_y, params)
+    rgb = [_jpeg(frame, params) for frame in _resized(frames, size)]
+    flow = []
+    for field in _ESTIMATORS[key].fields(frames):
+        quantized = fmt.quantize_flow(field, p.flow_bound)
+        flow_x, flow_y = _resized(np.stack([quantized[:, :, 0], quantized[:, :, 1]]), size)
+        flow.append((_jpeg(flow_x, params), _jpeg(flow_y, params)))
     height, width = size
     meta = {
         "video_id": entry.video_id, "label": entry.label, "class_name": entry.class_name, "split": entry.split,
@@ -127,7 +124,20 @@ def video_sample(entry: VideoEntry, p: Processing) -> dict:
         "flow_height": flow_height, "flow_width": flow_width,
         "flow_bound": p.flow_bound, "flow_method": p.flow, "source": entry.source,
     }
-    sample["json"] = json.dumps(meta, sort_keys=True).encode()
+    return sample_members(entry.video_id, rgb, flow, meta)
+
+
+def sample_members(key: str, rgb: list[bytes], flow: list[tuple[bytes, bytes]], meta: dict) -> dict:
+    """The WebDataset sample of one video from its encoded frames: ``rgb`` JPEG per frame,
+    ``flow`` (x, y) JPEGs per field, ``meta`` the json member (``pipelines.shard_format``).
+    Also what ``benchmarks/scale.py`` writes its synthetic sets with, so they keep this layout."""
+    sample: dict = {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode()}
+    for i, data in enumerate(rgb):
+        sample[fmt.rgb_member(i)] = data
+    for i, (data_x, data_y) in enumerate(flow):
+        name_x, name_y = fmt.flow_members(i)
+        sample[name_x] = data_x
+        sample[name_y] = data_y
     return sample
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import io
 import json
 import logging
 import math
+import pickle
 import shutil
 import signal
 import tarfile
@@ -22,7 +24,9 @@ from loader_shards import (
 )
 from pipelines.loaders import build_loader
 from pipelines.loaders.schedule import train_batches
-from pipelines.loaders.shard_reader import ShardIndex, read_index_file, scan_tar_members
+from pipelines.loaders.shard_reader import (
+    SampleError, ShardIndex, read_index_file, scan_tar_members,
+)
 from pipelines.shard_format import rgb_member
 from cluster.config import load_config
 from stresnet.sampling import FLOW_SCALE, IMAGENET_MEAN, IMAGENET_STD, train_plan
@@ -599,6 +603,46 @@ def test_a_shard_with_its_index_ignores_damage_outside_its_members(shards, tmp_p
     assert caplog.text == ""
 
 
+def test_indexed_samples_keep_where_their_index_lines_are_not_their_member_tables(shards):
+    """Memory per rank grows with the videos, not the members (benchmarks/scale.py): a sample of
+    a shard with an index file reads its table from its lines of that file when asked."""
+    index = ShardIndex(shards, "train")
+    assert all(ref._members is None for ref in index.samples)
+    tables = sum(ref.members.nbytes for ref in index.samples)  # read back from the index lines
+    assert len(pickle.dumps(index)) < tables  # what each DALI worker receives
+    copy = pickle.loads(pickle.dumps(index))
+    assert refs(copy) == refs(index)
+    data = copy.read(1, ["rgb.00002.jpg", "flow_y.00001.jpg"])
+    assert data == index.read(1, ["rgb.00002.jpg", "flow_y.00001.jpg"])
+    assert index.longest_member == max(int(ref.members[:, :, 1].max()) for ref in index.samples)
+
+
+def test_an_index_in_another_layout_is_used_with_its_tables_in_memory(shards, tmp_path, caplog):
+    """An index file that is not one member per line (another tool's JSON writer) is as valid:
+    its samples keep their tables, and read the same."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    for index in copy.glob("*.idx"):
+        index.write_text(json.dumps(json.loads(index.read_text())))  # one line
+    with caplog.at_level(logging.WARNING):
+        found = ShardIndex(copy, "train")
+    assert caplog.text == ""
+    assert all(ref._members is not None for ref in found.samples)
+    assert refs(found) == refs(ShardIndex(shards, "train"))
+
+
+def test_an_index_file_changed_after_indexing_fails_its_samples_by_name(shards, tmp_path):
+    """A sample's member lines are read from the index file the loader checked, or not at all."""
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    index = ShardIndex(copy, "train")
+    path = copy / "train-p000-00000.tar.idx"
+    path.write_text(path.read_text() + " ")
+    with pytest.raises(SampleError, match=r"train-p000-00000.tar.idx: changed since the loader"):
+        index.read(0, ["rgb.00000.jpg"])
+    assert index.read(4, ["rgb.00000.jpg"])  # another shard's index is untouched
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_full_frame_views_are_the_whole_frame_and_its_mirror(shards, backend):
     """``full_frame``: 32x40 frames at input size 24 stay 32x40 (inside [24, 48]), uncropped."""
@@ -635,9 +679,9 @@ def test_full_frame_batches_of_different_sizes_are_cut_to_the_smallest(shards):
     cfg = config(shards, **{"sampling.test_crops": "full_frame"})
     source = ClipSource(cfg, ShardIndex(cfg.data.shards, "test"))
     # pretend sample 1 is smaller: 30 x 36
-    ref = source.index.ref(1)
-    source.index.ref = lambda i, _orig=source.index.ref: (
-        type(ref)(**{**ref.__dict__, "height": 30, "width": 36}) if i == 1 else _orig(i))
+    smaller = copy.copy(source.index.ref(1))
+    smaller.height, smaller.width = 30, 36
+    source.index.ref = lambda i, _orig=source.index.ref: smaller if i == 1 else _orig(i)
     batch = source.with_frame_limits([ClipRequest(0, view=0), ClipRequest(1, view=1)])
     assert [r.limit for r in batch] == [(30, 36), (30, 36)]
     plan = source.plan(batch[0], 0)

@@ -5,12 +5,17 @@ See docs/loaders.md for what they yield and how work is split across ranks.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from pipelines.config import PipelineConfig
-from pipelines.loaders.clips import ClipSource
+# Only the light modules at import time: a process that needs just the shard reader (the
+# preflight check, a tool listing samples) imports ``pipelines.loaders.shard_reader``, which runs
+# this file first; torch, OpenCV and DALI (~530 MB resident for torch alone) come with
+# ``build_loader``.
 from pipelines.loaders.schedule import Schedule
 from pipelines.loaders.shard_reader import ShardIndex
+
+if TYPE_CHECKING:
+    from pipelines.config import PipelineConfig
 
 
 def build_loader(
@@ -32,6 +37,10 @@ def build_loader(
     position of the video instead of ``test_positions``, one clip per batch (fully convolutional
     testing, spec section 5).
     """
+    import torch
+
+    from pipelines.loaders.clips import ClipSource
+
     backend = backend or cfg.data.backend
     if backend not in ("dali", "cpu"):
         raise ValueError(f"backend: got {backend!r}, expected 'dali' or 'cpu'")
@@ -75,6 +84,8 @@ def build_loader(
 
 def _dali_device(cfg: PipelineConfig) -> torch.device:
     """Where the DALI loader decodes and returns its batches (``data.dali_device``)."""
+    import torch
+
     use_gpu = cfg.data.dali_device == "gpu" or (
         cfg.data.dali_device == "auto" and torch.cuda.is_available()
     )

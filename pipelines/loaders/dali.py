@@ -614,7 +614,7 @@ class DaliClipLoader:
             max_height=max((r.height for r in refs), default=0),
             max_width=max((r.width for r in refs), default=0),
         )
-        longest = max((int(r.members[:, :, 1].max()) for r in refs if r.members.size), default=1)
+        longest = max(index.longest_member, 1)  # members are not all in memory (shard_reader)
         per_position = int(self.source.use_rgb) + 2 * self.source.flow_length * int(
             self.source.use_flow)
         jpegs = self.batch_size * self._frames_per_clip() * per_position

@@ -53,33 +53,135 @@ class ShardIndexError(ValueError):
 FRAME_KINDS = ("rgb", "flow_x", "flow_y")
 
 
-@dataclass
 class SampleRef:
-    """Where one video's members are in ``path``: ``members[k, i] = (offset, size, crc32)`` of
-    frame ``i`` of kind ``FRAME_KINDS[k]`` (``rgb.{i:05d}.jpg``, ...); offset -1 where there is
-    none, crc32 -1 where it is not known (no index file)."""
+    """One video of the split: where it is, what it is (label, frames, frame size) and where its
+    members are in ``path``: ``members[k, i] = (offset, size, crc32)`` of frame ``i`` of kind
+    ``FRAME_KINDS[k]`` (``rgb.{i:05d}.jpg``, ...); offset -1 where there is none, crc32 -1 where
+    it is not known (no index file).
 
-    path: str
-    key: str
-    video_id: str
-    label: int
-    num_frames: int
-    height: int
-    width: int
-    members: np.ndarray  # (len(FRAME_KINDS), frames, 3) int64
+    ``members`` of a sample whose shard has an index file is not kept in memory: it is read from
+    the sample's lines of that file each time it is asked for (``_IndexLines``), so a rank holds
+    ~1 KB per video instead of ~24 bytes per member (UCF101: ~7 M members, a
+    Kinetics-400-sized split ~216 M). Ask once per clip. Samples of shards read by their tar
+    headers (no index file) keep their table.
+    """
+
+    __slots__ = ("path", "key", "video_id", "label", "num_frames", "height", "width",
+                 "_members", "_lines")
+
+    def __init__(self, path: str, key: str, video_id: str, label: int, num_frames: int,
+                 height: int, width: int, members: np.ndarray | None = None,
+                 lines: "_IndexLines | None" = None):
+        if (members is None) == (lines is None):
+            raise ValueError("SampleRef needs its member table or the index lines to read it from")
+        self.path, self.key, self.video_id = path, key, video_id
+        self.label, self.num_frames, self.height, self.width = label, num_frames, height, width
+        self._members, self._lines = members, lines
+
+    def __getstate__(self):
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state):
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"SampleRef({self.path!r}, key={self.key!r}, label={self.label}, frames={self.num_frames})"
+
+    @property
+    def members(self) -> np.ndarray:
+        """(len(FRAME_KINDS), frames, 3) int64; ``SampleError`` if the index file changed or
+        cannot be read since the loader was built."""
+        if self._members is not None:
+            return self._members
+        return self._lines.table(self.key)
 
     def locate(self, name: str) -> tuple[int, int, int] | None:
         """(offset, size, crc32 or -1) of member ``name`` such as ``flow_x.00012.jpg``, None if
         absent."""
-        kind, _, rest = name.partition(".")
-        number = rest.partition(".")[0]
-        if kind not in FRAME_KINDS or not _is_number(number):
-            return None
-        i = int(number)
-        if i >= self.members.shape[1] or self.members[FRAME_KINDS.index(kind), i, 0] < 0:
-            return None
-        offset, size, crc = self.members[FRAME_KINDS.index(kind), i]
-        return int(offset), int(size), int(crc)
+        return _locate(self.members, name)
+
+
+def _locate(table: np.ndarray, name: str) -> tuple[int, int, int] | None:
+    kind, _, rest = name.partition(".")
+    number = rest.partition(".")[0]
+    if kind not in FRAME_KINDS or not _is_number(number):
+        return None
+    i = int(number)
+    if i >= table.shape[1] or table[FRAME_KINDS.index(kind), i, 0] < 0:
+        return None
+    offset, size, crc = table[FRAME_KINDS.index(kind), i]
+    return int(offset), int(size), int(crc)
+
+
+@dataclass(frozen=True)
+class _IndexFile:
+    """An index file as the loader found it: a sample's lines are read only while it is the
+    same file (size and modification time)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)  # one per video: slots keep it at ~70 bytes
+class _IndexLines:
+    """Where one sample's members are listed in its shard's index file: bytes ``start..end``,
+    ``count`` lines of ``[name, offset, size, crc32]`` (the writer puts one member per line)."""
+
+    file: _IndexFile
+    start: int
+    end: int
+    count: int
+
+    def table(self, key: str) -> np.ndarray:
+        path = self.file.path
+        try:
+            stat = os.stat(path)
+            if (stat.st_size, stat.st_mtime_ns) != (self.file.size, self.file.mtime_ns):
+                raise SampleError(f"{path}: changed since the loader read it; rebuild the loader")
+            with open(path, "rb") as f:
+                f.seek(self.start)
+                raw = f.read(self.end - self.start)
+            entries = json.loads(b"[" + raw.rstrip(b",") + b"]")
+        except OSError as err:
+            raise SampleError(f"{path}: cannot read the members of {key} ({err})") from None
+        except ValueError as err:
+            raise SampleError(f"{path}: the lines of {key} are not JSON ({err})") from None
+        frames = []
+        prefix = key + "."
+        for entry in entries:
+            try:
+                name, offset, size, *crc = entry
+                name = name.rpartition("/")[2]
+                ok = name.startswith(prefix)
+            except (TypeError, ValueError, AttributeError):
+                ok = False
+            if not ok or len(entries) != self.count:
+                raise SampleError(f"{path}: the lines of {key} changed since the loader read them")
+            frame = _frame_entry(name[len(prefix):], offset, size, crc[0] if crc else -1)
+            if frame is not None:
+                frames.append(frame)
+        return _frame_table(frames)
+
+
+def _frame_entry(suffix: str, offset: int, size: int, crc: int) -> tuple | None:
+    """(kind row, frame number, offset, size, crc) of a per-frame member such as
+    ``flow_x.00012.jpg``, None for any other member."""
+    kind, _, rest = suffix.partition(".")
+    number = rest.partition(".")[0]
+    if kind in FRAME_KINDS and _is_number(number):
+        return FRAME_KINDS.index(kind), int(number), offset, size, crc
+    return None
+
+
+def _frame_table(frames: list[tuple]) -> np.ndarray:
+    table = np.full((len(FRAME_KINDS), max([f[1] for f in frames], default=-1) + 1, 3), -1,
+                    dtype=np.int64)
+    if frames:
+        k, i, *where = zip(*frames)
+        table[list(k), list(i)] = np.array(where, dtype=np.int64).T
+    return table
 
 
 class ShardIndex:
@@ -104,6 +206,7 @@ class ShardIndex:
         self.classes: list[str] = list(manifest.get("classes", []))
         self.samples: list[SampleRef | None] = []
         self.damaged_shards: list[str] = []  # shard names with unreadable samples
+        self.longest_member = 0  # bytes of the split's largest frame JPEG (DALI's buffer hint)
         with _cyclic_gc_paused():
             self._add_shards(splits[split]["shards"])
         self.unreadable = sum(ref is None for ref in self.samples)
@@ -122,7 +225,8 @@ class ShardIndex:
                 self.samples += [None] * expected
                 self.damaged_shards.append(shard["name"])
                 continue
-            found = _index_shard(path)
+            found, longest = _index_shard(path)
+            self.longest_member = max(self.longest_member, longest)
             if len(found) < expected:
                 log.warning(
                     "%s: manifest lists %d samples, the tar holds %d; the rest are skipped",
@@ -146,9 +250,10 @@ class ShardIndex:
     def read(self, index: int, names: list[str]) -> dict[str, bytes]:
         """The bytes of the members ``names`` (e.g. ``rgb.00003.jpg``) of sample ``index``."""
         ref = self.ref(index)
+        table = ref.members
         where = {}
         for name in names:
-            where[name] = ref.locate(name)
+            where[name] = _locate(table, name)
             if where[name] is None:
                 raise SampleError(f"{ref.path}: sample {ref.key} has no member {name}")
         out: dict[str, bytes] = {}
@@ -246,8 +351,14 @@ def read_index_file(index: Path, tar_size: int) -> list[tuple[str, int, int, int
     """The members (name, data offset, size, crc32 or -1 in an index without checksums) listed
     in index file ``index``, checked against the tar's size ``tar_size``; ``ShardIndexError``
     naming the file and the problem when they cannot be used."""
+    return _read_index(index, tar_size)[0]
+
+
+def _read_index(index: Path, tar_size: int) -> tuple[list[tuple[str, int, int, int]], bytes]:
+    """``read_index_file`` and the file's bytes."""
     try:
-        data = json.loads(index.read_bytes())
+        raw = index.read_bytes()
+        data = json.loads(raw)
     except (OSError, ValueError) as err:
         raise ShardIndexError(f"{index}: unreadable index ({err})") from None
     if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
@@ -280,50 +391,120 @@ def read_index_file(index: Path, tar_size: int) -> list[tuple[str, int, int, int
             )
         end = offset + size
         out.append((name, offset, size, crc))
-    return out
+    return out, raw
 
 
-def _index_shard(path: Path) -> list[SampleRef | None]:
+def _index_shard(path: Path) -> tuple[list[SampleRef | None], int]:
     """The samples of one shard, in tar order, from its index file or, without a usable one, its
-    tar headers up to the first damage (with a warning). A sample that is found but unusable
-    stays in the list as None, so later samples keep their index."""
+    tar headers up to the first damage (with a warning), and its largest frame member's size. A
+    sample that is found but unusable stays in the list as None, so later samples keep their
+    index."""
     index = path.with_name(index_name(path.name))
     if index.is_file():
         try:
-            return _samples(path, read_index_file(index, os.path.getsize(path)), index)
+            stat = index.stat()
+            members, raw = _read_index(index, os.path.getsize(path))
+            lines = _member_lines(raw, len(members))
+            file = _IndexFile(str(index), stat.st_size, stat.st_mtime_ns)
+            return _samples(path, members, index, file, lines)
         except ShardIndexError as err:
             log.warning("%s; reading the tar headers of %s instead", err, path.name)
     members, damage = scan_tar_members(path)
     if damage:
         log.warning("%s: damaged shard (%s); using the samples before the damage", path, damage)
-    return _samples(path, members, None)
+    return _samples(path, members, None, None, None)
 
 
-def _samples(path: Path, members: list[tuple], index: Path | None) -> list:
+def _member_lines(raw: bytes, count: int) -> np.ndarray | None:
+    """Byte offsets of the lines of an index file written one member per line (as the shard
+    writer does: a head line, ``count`` member lines, the closing line): member ``j`` is
+    ``raw[starts[j]:starts[j + 1] - 1]``. None for any other layout (the members are then kept
+    in memory)."""
+    newlines = np.flatnonzero(np.frombuffer(raw, np.uint8) == 0x0A)
+    if len(newlines) != count + 2 or not raw.endswith(b"\n]}\n"):
+        return None
+    return newlines[: count + 1] + 1
+
+
+def _samples(path: Path, members: list[tuple], index: Path | None, file: _IndexFile | None,
+             lines: np.ndarray | None) -> tuple[list, int]:
     """Group ``members`` by sample key and read each sample's json and first-frame header.
     With ``index`` (the members came from that index file) the tar header in front of each json
-    member is checked too: a cheap proof that the index describes this tar."""
-    # key -> {"json": (offset, size, crc), "frames": [(k, i, offset, size, crc)]}
+    member is checked too: a cheap proof that the index describes this tar. With ``lines``
+    (where each member's line starts in that file) a sample whose members are consecutive lines
+    keeps only where they are (``_IndexLines``), not its member table."""
+    groups = _consecutive_groups(members) if lines is not None else None
+    if groups is None:
+        groups = _groups(members)
+    longest = max((g["longest"] for g in groups.values()), default=0)
+
+    samples: list[SampleRef | None] = []
+    path_text = str(path)  # one string per shard, shared by its samples
+    with open(path, "rb") as f:
+        for key, group in groups.items():
+            where = None
+            if "frames" not in group:
+                # consecutive members (WebDataset's layout): lines first .. first+count-1,
+                # without the newline after the last
+                first, count = group["first"], group["count"]
+                where = _IndexLines(file, int(lines[first]), int(lines[first + count]) - 1, count)
+            samples.append(_sample(path_text, f, key, group, index, where))
+    return samples, longest
+
+
+def _groups(members: list[tuple]) -> dict[str, dict]:
+    """key -> {"json": (offset, size, crc), "frames": [(k, i, offset, size, crc)], "rgb0":
+    (offset, size) of frame rgb 0, "longest": its largest frame member} of any member list."""
     groups: dict[str, dict] = {}
     for name, offset, size, *crc in members:  # (name, offset, size[, crc32])
         crc = crc[0] if crc else -1
         key, _, suffix = name.rpartition("/")[2].partition(".")
-        group = groups.setdefault(key, {"json": None, "frames": []})
-        kind, _, rest = suffix.partition(".")
-        number = rest.partition(".")[0]
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {"json": None, "frames": [], "rgb0": None, "longest": 0}
         if suffix == "json":
             group["json"] = (offset, size, crc)
-        elif kind in FRAME_KINDS and _is_number(number):
-            group["frames"].append((FRAME_KINDS.index(kind), int(number), offset, size, crc))
+            continue
+        frame = _frame_entry(suffix, offset, size, crc)
+        if frame is not None:
+            group["frames"].append(frame)
+            group["longest"] = max(group["longest"], size)
+            if frame[0] == 0 and frame[1] == 0:
+                group["rgb0"] = (offset, size)
+    return groups
 
-    samples: list[SampleRef | None] = []
-    with open(path, "rb") as f:
-        for key, group in groups.items():
-            samples.append(_sample(path, f, key, group, index))
-    return samples
+
+def _consecutive_groups(members: list[tuple]) -> dict[str, dict] | None:
+    """The groups of an index whose samples' members are consecutive (WebDataset's layout),
+    without the per-frame table: key -> {"json", "rgb0", "longest", "first": the place of its
+    first member in ``members``, "count": its members}. None for any other member list (a key
+    that comes back, a directory in a name, an RGB frame 0 not named ``rgb.00000.jpg``...):
+    ``_groups`` then does the general work, ~2x slower per member."""
+    groups: dict[str, dict] = {}
+    group, key = None, None
+    for j, (name, offset, size, crc) in enumerate(members):
+        if key is None or not name.startswith(key) or name[len(key):len(key) + 1] != ".":
+            key = name.partition(".")[0]
+            if key in groups or "/" in key:
+                return None
+            group = groups[key] = {"json": None, "rgb0": None, "longest": 0, "first": j,
+                                   "count": 0}
+        group["count"] += 1
+        suffix = name[len(key) + 1:]
+        if suffix == "json":
+            group["json"] = (offset, size, crc)
+        else:
+            if suffix[:4] == "rgb." and group["rgb0"] is None:
+                if suffix != "rgb.00000.jpg":
+                    return None
+                group["rgb0"] = (offset, size)
+            if size > group["longest"]:
+                group["longest"] = size
+    return groups
 
 
-def _sample(path: Path, f, key: str, group: dict, index: Path | None) -> SampleRef | None:
+def _sample(path: str, f, key: str, group: dict, index: Path | None,
+            where: _IndexLines | None) -> SampleRef | None:
     if group["json"] is None:
         log.warning("%s: sample %s has no json member; skipped", path, key)
         return None
@@ -345,22 +526,20 @@ def _sample(path: Path, f, key: str, group: dict, index: Path | None) -> SampleR
     except (ValueError, KeyError, TypeError) as err:
         log.warning("%s: sample %s has unreadable json (%s); skipped", path, key, err)
         return None
-    frames = max([i for _, i, _, _, _ in group["frames"]], default=-1) + 1
-    table = np.full((len(FRAME_KINDS), frames, 3), -1, dtype=np.int64)
-    for k, i, offset, size, crc in group["frames"]:
-        table[k, i] = offset, size, crc
     # The frame size comes from the first frame's JPEG header: it is what the crops are cut
     # from, whatever the json says about the source video.
     jpeg_size = None
-    if frames and table[0, 0, 0] >= 0:
-        f.seek(table[0, 0, 0])
-        jpeg_size = _jpeg_size(f.read(min(int(table[0, 0, 1]), 65536)))
+    if group["rgb0"] is not None:
+        f.seek(group["rgb0"][0])
+        jpeg_size = _jpeg_size(f.read(min(group["rgb0"][1], 65536)))
     if jpeg_size is None:
         log.warning("%s: sample %s has no readable first frame; skipped", path, key)
         return None
+    video_id = str(meta.get("video_id", key))
     return SampleRef(
-        path=str(path), key=key, video_id=str(meta.get("video_id", key)), label=label,
-        num_frames=num_frames, height=jpeg_size[0], width=jpeg_size[1], members=table,
+        path=path, key=key, video_id=key if video_id == key else video_id, label=label,
+        num_frames=num_frames, height=jpeg_size[0], width=jpeg_size[1],
+        members=None if where else _frame_table(group["frames"]), lines=where,
     )
 
 

@@ -531,6 +531,17 @@ def _build_pipeline(reader: _BatchReader, batch_size: int, size: int, workers: i
     return pipe
 
 
+def run_out(pipe) -> None:
+    """Run ``pipe`` to the end of its current epoch (its feed raises StopIteration there) and
+    reset it for the next one."""
+    try:
+        while True:
+            pipe.run()
+    except StopIteration:
+        pass
+    pipe.reset()
+
+
 class DaliClipLoader:
     """Iterable over one epoch's batches of one rank (see ``build_loader``)."""
 
@@ -594,12 +605,7 @@ class DaliClipLoader:
     def _finish_epoch(self) -> None:
         """Drain the current DALI epoch (at most the batches already prefetched) and start the
         next one: the workers begin prefetching it at once."""
-        try:
-            while True:
-                self._pipe.run()
-        except StopIteration:
-            pass
-        self._pipe.reset()
+        run_out(self._pipe)
         self._dali_epoch += 1
         self._consumed = 0
 

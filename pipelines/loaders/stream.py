@@ -447,12 +447,9 @@ class StreamDaliLoader(_StreamLoaderBase):
 
     def _drain(self) -> None:
         """Run out the DALI epoch (the feed stops at the end of the stream or when abandoned)."""
-        try:
-            while True:
-                self._pipe.run()
-        except StopIteration:
-            pass
-        self._pipe.reset()
+        from pipelines.loaders.dali import run_out
+
+        run_out(self._pipe)
         self._feed.batches = None
         self._feed.handed.clear()
 
